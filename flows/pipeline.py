@@ -1,0 +1,28 @@
+"""Flow ``pipeline``: every stage in order, for Prefect users who do not use DVC."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.common import main
+from flows.evaluate import evaluate
+from flows.poison import poison
+from flows.prepare import prepare
+from flows.train_generator import train_generator
+
+
+@flow(name="pipeline")
+def pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
+    """prepare -> train_generator -> poison -> evaluate (each a subflow)."""
+    return {
+        "prepare": prepare(params_path),
+        "train_generator": train_generator(params_path),
+        "poison": poison(params_path),
+        "evaluate": evaluate(params_path),
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(pipeline))

@@ -1,0 +1,42 @@
+"""Flow ``train_generator``: train the DeepConfuse generator against a surrogate victim."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from flows.common import load_params_task, main
+from poison import stages
+from poison.config import Params
+
+
+@task(name="train-deepconfuse-generator")
+def train(params: Params) -> dict[str, Any]:
+    logger = get_run_logger()
+    total = params.train_generator.trials
+    progress = create_progress_artifact(progress=0.0, description="DeepConfuse trials")
+
+    def on_trial(record) -> None:
+        update_progress_artifact(progress, progress=100.0 * (record.trial + 1) / total)
+        logger.info("trial %d/%d: clean val accuracy %s, target rate %s, %.1fs",
+                    record.trial + 1, total, record.val_accuracy, record.val_target_rate, record.seconds)
+
+    return stages.train_generator(params, on_trial=on_trial)
+
+
+@flow(name="train_generator")
+def train_generator(params_path: str = "params.yaml") -> dict[str, Any]:
+    """Train the generator; keep the one best on the validation split."""
+    result = train(load_params_task(params_path))
+    create_markdown_artifact(
+        key="generator-summary",
+        markdown="\n".join(["| key | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in result.items()]),
+        description="DeepConfuse generator training",
+    )
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(train_generator))

@@ -1,0 +1,1 @@
+"""Attacks: one module per method (see ALGORITHMS.md)."""

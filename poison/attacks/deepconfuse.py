@@ -1,0 +1,340 @@
+"""DeepConfuse: a generator of training-time perturbations that confuse any learner.
+
+Feng, Cai, Zhou, "Learning to Confuse: Generating Training Time Adversarial Data
+with Auto-Encoder", NeurIPS 2019, arXiv 1905.09027.
+
+The generator g is trained against a surrogate victim f_theta that is itself being
+trained on the poison x' = clip(x + eps * g(x), 0, 1). Per minibatch (authors' loop):
+
+1. victim loss on poison from the trainable generator, gradients kept in the graph;
+2. one unrolled SGD step theta' = theta - lr * grad (``torch.func.functional_call``);
+3. generator step on the objective of f_theta' on *clean* x (untargeted: maximise
+   cross-entropy; label-specific: minimise cross-entropy to t(y));
+4. an ordinary victim SGD step on the poison of the frozen generator copy.
+
+After each trial (``victim_epochs`` epochs) the trained generator is copied into the
+frozen one and the victim is re-initialised. Unlike the authors' code, the generator
+kept is the one whose poison, quantized to uint8 exactly as stored, does most harm
+to a victim trained on it as judged on the *validation* split (never the test split).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from poison.errors import ConfigError
+from poison.models import GENERATORS, CLASSIFIERS, create_generator
+from poison.train import TrainConfig, build_model, predict, to_float, train_classifier
+from poison.utils import derive_seed
+
+__all__ = [
+    "DeepConfuseConfig",
+    "Target",
+    "DeepConfuse",
+    "perturb",
+    "quantize_poison",
+    "budget_levels",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeepConfuseConfig:
+    """Mirrors the ``train_generator`` section of params.yaml."""
+
+    generator: str = "dc_autoencoder"
+    surrogate: str = "dc_cnn"
+    eps: float = 0.3
+    norm: Literal["linf"] = "linf"
+    target: Literal["untargeted", "label_specific"] = "untargeted"
+    target_shift: int = 1
+    target_map: tuple[int, ...] | None = None
+    trials: int = 10
+    victim_epochs: int = 1
+    batch_size: int = 64
+    victim_lr: float = 0.01
+    unroll_lr: float = 0.01
+    generator_lr: float = 1e-4
+    quantize: bool = True
+    select_every: int = 1
+    validation: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=0.01, epochs=2, batch_size=64))
+
+    def __post_init__(self) -> None:
+        if self.generator not in GENERATORS:
+            raise ConfigError(f"generator: unknown generator {self.generator!r}; known: {', '.join(sorted(GENERATORS))}")
+        if self.surrogate not in CLASSIFIERS:
+            raise ConfigError(f"surrogate: unknown classifier {self.surrogate!r}; known: {', '.join(sorted(CLASSIFIERS))}")
+        if not 0 < self.eps <= 1:
+            raise ConfigError(f"eps: expected 0 < eps <= 1 (L-inf on images in [0, 1]), got {self.eps}")
+        for key in ("trials", "victim_epochs", "batch_size", "select_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        for key in ("victim_lr", "unroll_lr", "generator_lr"):
+            if not 0 < getattr(self, key) <= 10:
+                raise ConfigError(f"{key}: expected 0 < {key} <= 10, got {getattr(self, key)}")
+
+
+def budget_levels(eps: float) -> int:
+    """Return the largest per-pixel change in uint8 levels that stays within ``eps``."""
+    return int(math.floor(eps * 255 + 1e-9))
+
+
+def perturb(generator: nn.Module, x: torch.Tensor, eps: float, quantize: bool = False) -> torch.Tensor:
+    """Return the poison clip(x + eps * g(x), 0, 1), optionally uint8-quantized.
+
+    With ``quantize`` the rounding to 1/255 steps is done with a straight-through
+    gradient, so a generator trained this way optimises the poison as it will be stored.
+
+    Shape:
+        x: (N, C, H, W) float in [0, 1]
+        returns: (N, C, H, W) float in [0, 1]
+    """
+    x_p = torch.clamp(x + eps * generator(x), 0.0, 1.0)
+    if quantize:
+        x_p = x_p + (torch.round(x_p * 255.0) / 255.0 - x_p).detach()
+    return x_p
+
+
+@torch.no_grad()
+def quantize_poison(clean: torch.Tensor, poisoned: torch.Tensor, eps: float) -> torch.Tensor:
+    """Return the poison as stored: uint8, and within ``eps`` of ``clean`` after rounding.
+
+    Shape:
+        clean: (N, C, H, W) uint8
+        poisoned: (N, C, H, W) float in [0, 1]
+        returns: (N, C, H, W) uint8 with |returns - clean| <= floor(eps * 255)
+    """
+    m = budget_levels(eps)
+    c = clean.to(torch.int16)
+    q = torch.round(poisoned.float() * 255.0).to(torch.int16)
+    q = torch.maximum(torch.minimum(q, c + m), c - m).clamp_(0, 255)
+    return q.to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the poison should make a trained model do.
+
+    ``target_map is None``: untargeted (maximise the clean loss). Otherwise
+    label-specific: a model trained on the poison should predict ``target_map[y]``.
+    """
+
+    target_map: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DeepConfuseConfig, num_classes: int) -> "Target":
+        """Return the target of ``cfg`` for ``num_classes`` classes."""
+        if cfg.target == "untargeted":
+            return cls(None)
+        if cfg.target_map is not None:
+            if len(cfg.target_map) != num_classes or not all(0 <= t < num_classes for t in cfg.target_map):
+                raise ConfigError(
+                    f"target_map: expected {num_classes} labels in [0, {num_classes - 1}], got {list(cfg.target_map)}"
+                )
+            mapping = torch.tensor(cfg.target_map, dtype=torch.long)
+        else:
+            mapping = (torch.arange(num_classes) + cfg.target_shift) % num_classes
+        if bool((mapping == torch.arange(num_classes)).any()):
+            raise ConfigError(
+                f"target_map/target_shift: a label-specific target must differ from the true label for every "
+                f"class, got map {mapping.tolist()}; choose target_shift not a multiple of {num_classes}"
+            )
+        return cls(mapping)
+
+    @property
+    def label_specific(self) -> bool:
+        return self.target_map is not None
+
+    def generator_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return the loss the generator minimises, from the unrolled victim's clean logits."""
+        if self.target_map is None:
+            return -F.cross_entropy(logits, y)
+        return F.cross_entropy(logits, self.target_map.to(y.device)[y])
+
+    def score(self, pred: torch.Tensor, y: torch.Tensor) -> float:
+        """Return the attack's badness on clean data (lower = stronger poison)."""
+        if self.target_map is None:
+            return float((pred == y).float().mean())
+        return 1.0 - float((pred == self.target_map[y]).float().mean())
+
+
+@dataclass
+class TrialRecord:
+    trial: int
+    steps: int
+    seconds: float
+    val_accuracy: float | None
+    val_target_rate: float | None
+
+
+class DeepConfuse:
+    """Trains a DeepConfuse perturbation generator (``fit``) and applies it (``poison``).
+
+    Args:
+        config: the attack's configuration.
+        in_channels, image_size, num_classes: the data's shape.
+        seed: seeds the generator and victim initialisations and batch orders.
+        device: where to train.
+    """
+
+    def __init__(self, config: DeepConfuseConfig, in_channels: int, image_size: int, num_classes: int,
+                 seed: int, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.shape = (in_channels, image_size, num_classes)
+        self.seed = seed
+        self.device = torch.device(device)
+        self.target = Target.from_config(config, num_classes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "generator-init"))
+            self.generator = create_generator(config.generator, in_channels, image_size).to(self.device)
+        self.generator.eval()
+        self.curve: list[TrialRecord] = []
+        self.best_trial: int | None = None
+
+    # ------------------------------------------------------------------ training
+    def _victim(self, trial: int, purpose: str) -> nn.Module:
+        c, s, k = self.shape
+        return build_model(self.config.surrogate, c, s, k, derive_seed(self.seed, purpose, trial), self.device,
+                           key="surrogate")
+
+    def _unrolled_generator_step(self, victim: nn.Module, g_train: nn.Module, opt_g: torch.optim.Optimizer,
+                                 x: torch.Tensor, y: torch.Tensor) -> float:
+        cfg = self.config
+        params = {k: p.detach().requires_grad_(True) for k, p in victim.named_parameters()}
+        # Copies: the unrolled passes must not move the victim's BatchNorm statistics.
+        buffers = {k: b.clone() for k, b in victim.named_buffers()}
+        x_p = perturb(g_train, x, cfg.eps, cfg.quantize)
+        inner = F.cross_entropy(functional_call(victim, (params, buffers), (x_p,)), y)
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+        unrolled = {k: p - cfg.unroll_lr * g for (k, p), g in zip(params.items(), grads)}
+        outer = self.target.generator_loss(functional_call(victim, (unrolled, buffers), (x,)), y)
+        opt_g.zero_grad(set_to_none=True)
+        outer.backward(inputs=list(g_train.parameters()))
+        opt_g.step()
+        return float(outer.detach())
+
+    def fit(
+        self,
+        train_images: torch.Tensor,
+        train_labels: torch.Tensor,
+        val_images: torch.Tensor,
+        val_labels: torch.Tensor,
+        on_trial: Callable[[TrialRecord], None] | None = None,
+    ) -> list[TrialRecord]:
+        """Train the generator; keep the one best on the validation split. Returns the curve.
+
+        Shape:
+            train_images, val_images: (N, C, H, W) uint8
+            train_labels, val_labels: (N,) int64
+        """
+        cfg = self.config
+        x_all = to_float(train_images).to(self.device)
+        y_all = train_labels.long().to(self.device)
+        order_gen = torch.Generator().manual_seed(derive_seed(self.seed, "batch-order"))
+        g_train = copy.deepcopy(self.generator).train()
+        g_frozen = copy.deepcopy(self.generator).eval()
+        opt_g = torch.optim.Adam(g_train.parameters(), lr=cfg.generator_lr)
+        best_score, best_state = math.inf, copy.deepcopy(self.generator.state_dict())
+        n = x_all.shape[0]
+        step = 0
+        for trial in range(cfg.trials):
+            start = time.perf_counter()
+            victim = self._victim(trial, "surrogate").train()
+            opt_v = torch.optim.SGD(victim.parameters(), lr=cfg.victim_lr)
+            for _ in range(cfg.victim_epochs):
+                order = torch.randperm(n, generator=order_gen).to(self.device)
+                for b in range(0, n - cfg.batch_size + 1, cfg.batch_size):
+                    idx = order[b : b + cfg.batch_size]
+                    x, y = x_all[idx], y_all[idx]
+                    self._unrolled_generator_step(victim, g_train, opt_g, x, y)
+                    with torch.no_grad():
+                        x_p = perturb(g_frozen, x, cfg.eps, cfg.quantize)
+                    loss = F.cross_entropy(victim(x_p), y)
+                    opt_v.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt_v.step()
+                    step += 1
+            g_frozen.load_state_dict(g_train.state_dict())
+            g_frozen.eval()
+            record = TrialRecord(trial, step, time.perf_counter() - start, None, None)
+            if (trial + 1) % cfg.select_every == 0 or trial == cfg.trials - 1:
+                acc, rate = self._validate(g_frozen, train_images, train_labels, val_images, val_labels, trial)
+                record.val_accuracy, record.val_target_rate = acc, rate
+                score = (1.0 - rate) if self.target.label_specific else acc
+                if score < best_score:
+                    best_score, best_state = score, copy.deepcopy(g_frozen.state_dict())
+                    self.best_trial = trial
+            record.seconds = time.perf_counter() - start
+            self.curve.append(record)
+            log.info("trial %d/%d: val acc %s target rate %s (%.1fs)", trial + 1, cfg.trials,
+                     record.val_accuracy, record.val_target_rate, record.seconds)
+            if on_trial is not None:
+                on_trial(record)
+        self.generator.load_state_dict(best_state)
+        self.generator.eval()
+        return self.curve
+
+    def _validate(self, gen: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
+                  val_images: torch.Tensor, val_labels: torch.Tensor, trial: int) -> tuple[float, float | None]:
+        """Train a fresh surrogate on the stored (uint8) poison; return clean val accuracy, target rate."""
+        poisoned = poison_images(gen, train_images, self.config.eps, self.device)
+        victim = self._victim(trial, "validation-victim")
+        order = torch.Generator().manual_seed(derive_seed(self.seed, "validation-order", trial))
+        train_classifier(victim, poisoned, train_labels, self.config.validation, order)
+        pred = predict(victim, val_images).argmax(1)
+        acc = float((pred == val_labels).float().mean())
+        rate = None
+        if self.target.label_specific:
+            rate = float((pred == self.target.target_map[val_labels]).float().mean())
+        return acc, rate
+
+    # ----------------------------------------------------------------- applying
+    def poison(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """Return the stored poison of ``images`` (uint8, within eps) from the kept generator."""
+        return poison_images(self.generator, images, self.config.eps, self.device, batch_size)
+
+    def state(self) -> dict:
+        """Return a checkpoint: tensors and plain values only (loadable with weights_only=True)."""
+        c, s, k = self.shape
+        return {
+            "format": "poison.deepconfuse/1",
+            "generator_arch": self.config.generator,
+            "in_channels": c,
+            "image_size": s,
+            "num_classes": k,
+            "eps": self.config.eps,
+            "target_map": None if self.target.target_map is None else self.target.target_map.tolist(),
+            "best_trial": self.best_trial,
+            "state_dict": {k2: v.detach().cpu() for k2, v in self.generator.state_dict().items()},
+        }
+
+
+@torch.no_grad()
+def poison_images(generator: nn.Module, images: torch.Tensor, eps: float,
+                  device: torch.device | str = "cpu", batch_size: int = 500) -> torch.Tensor:
+    """Return the stored (uint8) poison of uint8 ``images`` under ``generator`` in eval mode.
+
+    Shape:
+        images: (N, C, H, W) uint8
+        returns: (N, C, H, W) uint8, |returns - images| <= floor(eps * 255)
+    """
+    was_training = generator.training
+    generator.eval()
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        clean = images[i : i + batch_size]
+        x = to_float(clean).to(device)
+        out.append(quantize_poison(clean, perturb(generator, x, eps).cpu(), eps))
+    generator.train(was_training)
+    return torch.cat(out) if out else images.clone()

@@ -1,0 +1,206 @@
+"""params.yaml -> frozen dataclasses, validated at load time.
+
+One dataclass per params.yaml section. Unknown keys, wrong types and out-of-range
+values raise ``ConfigError`` naming the key (``train_generator.eps``), the value and
+what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from poison.attacks.deepconfuse import DeepConfuseConfig
+from poison.data import SOURCES
+from poison.errors import ConfigError
+from poison.models import CLASSIFIERS
+from poison.train import TrainConfig
+
+__all__ = ["DataConfig", "PoisonConfig", "EvaluateConfig", "PathsConfig", "Params", "load_params", "from_dict", "to_dict"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``data`` section: which source, and how it is split and sharded."""
+
+    source: str = "mnist5k"
+    root: str | None = None
+    channels: int = 1
+    test_size: int = 1000
+    val_size: int = 500
+    shard_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"source: unknown source {self.source!r}; known: {', '.join(sorted(SOURCES))}")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels: expected 1 or 3, got {self.channels}")
+        for key in ("test_size", "val_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size: expected an integer >= 1, got {self.shard_size}")
+
+
+@dataclass(frozen=True)
+class PoisonConfig:
+    """The ``poison`` section: how the trained generator is applied to the training split."""
+
+    batch_size: int = 500
+    shard_size: int = 1000
+    write_delta: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "shard_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``evaluate`` section: downstream classifiers trained on each dataset."""
+
+    archs: tuple[str, ...] = ("dc_cnn",)
+    seeds: tuple[int, ...] = (0,)
+    recipe: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not self.archs:
+            raise ConfigError("archs: expected at least one classifier name")
+        for arch in self.archs:
+            if arch not in CLASSIFIERS:
+                raise ConfigError(f"archs: unknown classifier {arch!r}; known: {', '.join(sorted(CLASSIFIERS))}")
+        if not self.seeds:
+            raise ConfigError("seeds: expected at least one integer seed")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """The ``paths`` section: where each stage reads and writes (relative to the repo root)."""
+
+    clean: str = "data/shards/mnist5k"
+    generator: str = "models/generator.pt"
+    poisoned: str = "data/shards/mnist5k-deepconfuse"
+    reports: str = "reports"
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole params.yaml."""
+
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    train_generator: DeepConfuseConfig = field(default_factory=DeepConfuseConfig)
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"seed: expected an integer >= 0, got {self.seed}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _convert(value, opt, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported field type {tp!r}")
+
+
+def from_dict(cls: type, data: Any, key: str = "") -> Any:
+    """Return dataclass ``cls`` built from ``data``, validated; errors name the dotted key."""
+    where = key or "params.yaml"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{(key + '.') if key else ''}{unknown[0]}: unknown key in {where}; "
+            f"known keys: {', '.join(names)}. Fix the spelling or remove it."
+        )
+    values = {name: _convert(data[name], hints[name], f"{key}.{name}" if key else name) for name in names if name in data}
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(f"{key}.{msg}" if key and not msg.startswith(key) else msg) from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Return a dataclass (nested) as plain JSON-ready values (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Return the validated ``Params`` of a params.yaml file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file; run from the repository root or pass --params PATH")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return from_dict(Params, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

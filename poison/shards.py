@@ -1,0 +1,424 @@
+"""WebDataset shards: writing, reading, the manifest, verification and the dataset card.
+
+Layout of a dataset folder (DESIGN.md, data contracts)::
+
+    <split>-000000.tar ...   members <key>.png (uint8), <key>.cls, <key>.json[, <key>.delta.npy]
+    manifest.json            schema, kind, method + config, budget, seed, source, sha256 per shard
+    README.md                the dataset card; poisoned data says so first
+
+Keys are ``<split>_<index:08d>`` (no dots: WebDataset splits keys on them). Tars are
+written with mtime 0, uid/gid 0 and sorted members, so equal inputs give equal bytes.
+A dataset is assembled in a hidden staging folder and renamed into place only when
+every shard, the manifest and the card are written: an interrupted run leaves nothing
+that looks complete. Readers accept only png/cls/json/txt/npy members and never unpickle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from poison import __version__
+from poison.errors import ShardError
+from poison.utils import canonical_json, git_revision, sha256_file
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "HAZARD",
+    "SplitSamples",
+    "sample_key",
+    "write_dataset",
+    "write_shard",
+    "read_manifest",
+    "manifest_sha256",
+    "verify_dataset",
+    "iter_samples",
+    "load_split",
+    "dataset_card",
+    "SAFE_EXTENSIONS",
+]
+
+SCHEMA_VERSION = 1
+KINDS = ("clean", "poisoned", "semantic")
+HAZARD = (
+    "POISONED DATA: this dataset was deliberately perturbed to harm models trained on it. "
+    "For robustness and security research only; never mix it into production training data."
+)
+AUGMENTED = (
+    "SEMANTICALLY AUGMENTED DATA: images were adversarially transformed. For robustness "
+    "research; not a faithful copy of the source data."
+)
+#: Member extensions a reader accepts; everything else (pickle, pyd, pth, ...) is refused.
+SAFE_EXTENSIONS = frozenset({"png", "cls", "json", "txt", "npy", "delta.npy"})
+
+
+def sample_key(split: str, index: int) -> str:
+    """Return the WebDataset key of sample ``index`` of ``split`` (``train_00000042``)."""
+    if "." in split or "_" in split or not split:
+        raise ValueError(f"split: expected a name without '.' or '_', got {split!r}")
+    return f"{split}_{index:08d}"
+
+
+@dataclass(frozen=True)
+class SplitSamples:
+    """The samples of one split, ready to be written.
+
+    Shape:
+        images: (N, C, H, W) uint8
+        labels: (N,) int64
+        metadata: N dicts (JSON-serialisable) stored as each sample's ``json`` member
+        deltas: optional (N, C, H, W) float, stored as float16 ``delta.npy``
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    metadata: Sequence[dict[str, Any]]
+    deltas: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.images.shape[0]
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
+            raise ShardError(
+                f"images: expected uint8 (N, 1|3, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if self.labels.shape != (n,) or len(self.metadata) != n:
+            raise ShardError(
+                f"labels/metadata: expected {n} of each, got {tuple(self.labels.shape)} labels "
+                f"and {len(self.metadata)} metadata records"
+            )
+        if self.deltas is not None and self.deltas.shape != self.images.shape:
+            raise ShardError(f"deltas: expected shape {tuple(self.images.shape)}, got {tuple(self.deltas.shape)}")
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    arr = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: str | os.PathLike[str], split: str, start: int, samples: SplitSamples,
+                begin: int, end: int) -> dict[str, Any]:
+    """Write samples ``[begin, end)`` of ``samples`` to the tar ``path``; return its record.
+
+    Sample ``i`` gets key ``sample_key(split, start + i)``. Every sample is validated
+    before anything is written; the tar appears under ``path`` only when complete.
+    """
+    path = Path(path)
+    members: list[tuple[str, bytes]] = []
+    images = samples.images[begin:end].numpy()
+    for i in range(end - begin):
+        key = sample_key(split, start + begin + i)
+        meta = dict(samples.metadata[begin + i])
+        label = int(samples.labels[begin + i])
+        members.append((f"{key}.cls", str(label).encode()))
+        if samples.deltas is not None:
+            members.append((f"{key}.delta.npy", _npy_bytes(samples.deltas[begin + i].numpy().astype(np.float16))))
+        members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+        members.append((f"{key}.png", _png_bytes(images[i])))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for name, data in members:
+                    _add_member(tar, name, data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {
+        "file": path.name,
+        "split": split,
+        "samples": end - begin,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
+
+
+def _class_counts(labels: torch.Tensor, num_classes: int) -> dict[str, int]:
+    counts = torch.bincount(labels.long(), minlength=num_classes)
+    return {str(i): int(c) for i, c in enumerate(counts.tolist())}
+
+
+def write_dataset(
+    out_dir: str | os.PathLike[str],
+    splits: dict[str, SplitSamples],
+    *,
+    dataset: str,
+    kind: str,
+    classes: Sequence[str],
+    seed: int,
+    method: str | None = None,
+    config: dict[str, Any] | None = None,
+    budget: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    shard_size: int = 1000,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a whole dataset folder (shards, manifest.json, README.md) atomically.
+
+    The folder is built in a hidden staging folder beside ``out_dir`` and swapped in
+    only when complete; a previous dataset at ``out_dir`` is replaced. Returns the manifest.
+    """
+    if kind not in KINDS:
+        raise ShardError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if shard_size < 1:
+        raise ShardError(f"shard_size: expected >= 1, got {shard_size}")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    first = next(iter(splits.values()))
+    _, c, h, w = first.images.shape
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        records: list[dict[str, Any]] = []
+        split_info: dict[str, Any] = {}
+        for split, samples in splits.items():
+            if tuple(samples.images.shape[1:]) != (c, h, w):
+                raise ShardError(f"split {split!r}: image shape {tuple(samples.images.shape[1:])} differs from {(c, h, w)}")
+            n = samples.images.shape[0]
+            for shard_index, begin in enumerate(range(0, max(n, 1), shard_size)):
+                end = min(begin + shard_size, n)
+                if end <= begin:
+                    break
+                records.append(write_shard(staging / f"{split}-{shard_index:06d}.tar", split, 0, samples, begin, end))
+            split_info[split] = {"samples": n, "class_counts": _class_counts(samples.labels, len(classes))}
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "dataset": dataset,
+            "kind": kind,
+            "hazard": HAZARD if kind == "poisoned" else (AUGMENTED if kind == "semantic" else None),
+            "method": method,
+            "config": config or {},
+            "budget": budget,
+            "seed": seed,
+            "source": source,
+            "package": {"name": "poison", "version": __version__, "git_rev": git_revision(Path(__file__).parent)},
+            "image": {"channels": c, "height": h, "width": w, "dtype": "uint8", "format": "png"},
+            "classes": list(classes),
+            "splits": split_info,
+            "shards": records,
+            "totals": {"samples": sum(s["samples"] for s in split_info.values()), "shards": len(records),
+                       "bytes": sum(r["bytes"] for r in records)},
+        }
+        (staging / "manifest.json").write_text(canonical_json(manifest))
+        (staging / "README.md").write_text(dataset_card(manifest, metrics))
+        _swap_in(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return manifest
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    os.chmod(staging, 0o755)
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(trash)
+    else:
+        os.replace(staging, out)
+
+
+# ---------------------------------------------------------------------- reading
+def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the parsed ``manifest.json`` of a dataset folder."""
+    path = Path(dataset_dir) / "manifest.json"
+    if not path.is_file():
+        raise ShardError(
+            f"{path}: no manifest; this folder is not a complete dataset (run the stage that "
+            "writes it, e.g. `dvc repro`, or `dvc pull` it)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path}: not valid JSON ({exc}); regenerate the dataset") from exc
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(
+            f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}; "
+            "regenerate it with this version of poison"
+        )
+    return manifest
+
+
+def manifest_sha256(dataset_dir: str | os.PathLike[str]) -> str:
+    """Return the sha256 of a dataset's manifest.json (how derived datasets cite their source)."""
+    return sha256_file(Path(dataset_dir) / "manifest.json")
+
+
+def verify_dataset(dataset_dir: str | os.PathLike[str]) -> list[str]:
+    """Return the problems found checking every shard against the manifest (empty: all good)."""
+    base = Path(dataset_dir)
+    manifest = read_manifest(base)
+    problems = []
+    for rec in manifest["shards"]:
+        path = base / rec["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing (manifest lists it with {rec['samples']} samples)")
+            continue
+        size = path.stat().st_size
+        if size != rec["bytes"]:
+            problems.append(f"{path}: {size} bytes, manifest says {rec['bytes']} (truncated or modified)")
+            continue
+        digest = sha256_file(path)
+        if digest != rec["sha256"]:
+            problems.append(f"{path}: sha256 {digest} does not match the manifest's {rec['sha256']} (corrupted or tampered)")
+    return problems
+
+
+def _check_shard(base: Path, rec: dict[str, Any]) -> None:
+    path = base / rec["file"]
+    if not path.is_file() or sha256_file(path) != rec["sha256"]:
+        raise ShardError(
+            f"{path}: missing or sha256 differs from the manifest; the shard is corrupt or "
+            "tampered with: regenerate or re-fetch the dataset (`poison verify` lists every bad shard)"
+        )
+
+
+def _decode(sample: dict[str, Any], url: str) -> dict[str, Any]:
+    from PIL import Image
+
+    key = sample["__key__"]
+    members = {k for k in sample if not k.startswith("__")}
+    unsafe = sorted(members - SAFE_EXTENSIONS)
+    if unsafe:
+        raise ShardError(
+            f"{url}: sample {key!r} has member(s) {unsafe}; only {sorted(SAFE_EXTENSIONS)} are read "
+            "(pickle-like members can run code). Refusing this dataset."
+        )
+    for need in ("png", "cls"):
+        if need not in sample:
+            raise ShardError(f"{url}: sample {key!r} lacks its {need!r} member")
+    with Image.open(io.BytesIO(sample["png"])) as img:
+        arr = np.asarray(img)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    out = {
+        "key": key,
+        "image": torch.from_numpy(np.ascontiguousarray(arr)),
+        "label": int(sample["cls"]),
+        "meta": json.loads(sample["json"]) if "json" in sample else {},
+    }
+    if "delta.npy" in sample:
+        out["delta"] = torch.from_numpy(np.load(io.BytesIO(sample["delta.npy"]), allow_pickle=False).astype(np.float32))
+    return out
+
+
+def iter_samples(dataset_dir: str | os.PathLike[str], split: str, verify: bool = True) -> Iterator[dict[str, Any]]:
+    """Yield the samples of ``split`` in key order as dicts: key, image (uint8 CHW), label, meta.
+
+    With ``verify`` every shard's sha256 is checked against the manifest before any of
+    its samples is yielded.
+    """
+    import webdataset as wds
+
+    base = Path(dataset_dir)
+    manifest = read_manifest(base)
+    records = [r for r in manifest["shards"] if r["split"] == split]
+    if not records and split not in manifest["splits"]:
+        raise ShardError(f"{base}: no split {split!r}; it has {sorted(manifest['splits'])}")
+    for rec in records:
+        if verify:
+            _check_shard(base, rec)
+        url = str(base / rec["file"])
+        pipeline = wds.WebDataset(url, shardshuffle=False, empty_check=False)
+        count = 0
+        for raw in pipeline:
+            count += 1
+            yield _decode(raw, url)
+        if count != rec["samples"]:
+            raise ShardError(f"{url}: {count} samples, manifest says {rec['samples']}; the shard is damaged")
+
+
+def load_split(dataset_dir: str | os.PathLike[str], split: str, verify: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """Return (images uint8 (N, C, H, W), labels int64 (N,), metadata) of one split."""
+    images, labels, metas = [], [], []
+    for s in iter_samples(dataset_dir, split, verify=verify):
+        images.append(s["image"])
+        labels.append(s["label"])
+        metas.append(s["meta"])
+    if not images:
+        m = read_manifest(dataset_dir)["image"]
+        return torch.zeros(0, m["channels"], m["height"], m["width"], dtype=torch.uint8), torch.zeros(0, dtype=torch.long), []
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), metas
+
+
+# ------------------------------------------------------------------------- card
+def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
+    """Return the README.md card of a dataset from its manifest (and metrics if evaluated)."""
+    kind = manifest["kind"]
+    lines = []
+    if kind == "poisoned":
+        lines += [f"# ⚠ POISONED DATASET: {manifest['dataset']}", "", f"> **{HAZARD}**", ""]
+    elif kind == "semantic":
+        lines += [f"# ⚠ AUGMENTED DATASET: {manifest['dataset']}", "", f"> **{AUGMENTED}**", ""]
+    else:
+        lines += [f"# Clean dataset: {manifest['dataset']}", ""]
+    budget = manifest.get("budget") or {}
+    src = manifest.get("source") or {}
+    lines += [
+        "## How it was made",
+        f"- kind: `{kind}`; method: `{manifest.get('method') or 'none (clean copy of the source)'}`",
+        f"- budget: {budget.get('norm', '-')} eps = {budget.get('eps', '-')} "
+        f"(<= {budget.get('levels', '-')} uint8 levels per pixel, checked after quantization)",
+        f"- seed: {manifest['seed']}; source: `{src.get('dataset', '-')}` (manifest sha256 `{src.get('manifest_sha256', '-')}`)",
+        f"- produced by poison {manifest['package']['version']} at git revision `{manifest['package']['git_rev']}`",
+        f"- images: {manifest['image']['channels']}x{manifest['image']['height']}x{manifest['image']['width']} uint8 PNG; "
+        f"classes: {', '.join(manifest['classes'])}",
+        "- splits: " + ", ".join(f"{k} {v['samples']}" for k, v in manifest["splits"].items()),
+        "",
+        "The full method configuration is in `manifest.json` (`config`).",
+        "",
+        "## How to load it",
+        "```python",
+        "from poison.shards import load_split, verify_dataset",
+        "assert not verify_dataset('.')            # sha256 of every shard against the manifest",
+        "images, labels, meta = load_split('.', 'train')",
+        "```",
+        "or with WebDataset directly (members: `png`, `cls`, `json`):",
+        "```python",
+        "import webdataset as wds",
+        "ds = wds.WebDataset('train-{000000..000003}.tar', shardshuffle=False).decode('pil').to_tuple('png', 'cls')",
+        "```",
+        "or from the command line: `poison verify .` and `poison inspect .`.",
+        "",
+        "## Licence",
+        "Derived from the source dataset; the source dataset's licence applies "
+        "(MNIST: Y. LeCun and C. Cortes, distributed for research).",
+        "",
+    ]
+    if metrics:
+        lines += ["## Metrics", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```", ""]
+    lines += ["## Shards", "| file | split | samples | bytes | sha256 |", "|---|---|---|---|---|"]
+    lines += [f"| {r['file']} | {r['split']} | {r['samples']} | {r['bytes']} | `{r['sha256']}` |" for r in manifest["shards"]]
+    return "\n".join(lines) + "\n"

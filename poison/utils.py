@@ -1,0 +1,119 @@
+"""Small helpers shared by the library: devices, seeds, atomic writes, hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+from contextlib import contextmanager
+
+import torch
+
+__all__ = [
+    "resolve_device",
+    "make_generator",
+    "derive_seed",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_path",
+    "sha256_file",
+    "git_revision",
+    "canonical_json",
+]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Return the torch device named by ``name`` (``auto`` picks CUDA when present)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device: expected 'auto', 'cpu' or an available CUDA device, got {name!r} "
+            "but CUDA is not available; set device: auto or cpu in params.yaml"
+        )
+    return device
+
+
+def derive_seed(seed: int, *names: str | int) -> int:
+    """Return a 63-bit seed derived from ``seed`` and a purpose, stable across runs.
+
+    Separate purposes (splitting, generator init, each downstream model) get
+    independent streams without ever seeding torch globally.
+    """
+    text = ":".join([str(seed), *map(str, names)]).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1
+
+
+def make_generator(seed: int, *names: str | int) -> torch.Generator:
+    """Return a CPU ``torch.Generator`` seeded with ``derive_seed(seed, *names)``."""
+    gen = torch.Generator()
+    gen.manual_seed(derive_seed(seed, *names))
+    return gen
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    An interrupted write leaves at most a ``.tmp-*`` file, never a file under the
+    final name that looks complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def canonical_json(obj: Any) -> str:
+    """Return ``obj`` as JSON with sorted keys and a trailing newline (stable bytes)."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as canonical JSON to ``path`` atomically."""
+    atomic_write_bytes(path, canonical_json(obj).encode())
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Return the hex sha256 of the file at ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_revision(cwd: str | os.PathLike[str] | None = None) -> str | None:
+    """Return the git commit of the working tree at ``cwd``, or None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
