@@ -35,8 +35,11 @@ class DataConfig:
     test_size: int = 1000
     val_size: int = 500
     shard_size: int = 1000
+    per_class: int | None = None  # keep this many samples per class (seeded) before splitting
 
     def __post_init__(self) -> None:
+        if self.per_class is not None and self.per_class < 3:
+            raise ConfigError(f"per_class: expected null or an integer >= 3, got {self.per_class}")
         if self.source not in SOURCES:
             raise ConfigError(f"source: unknown source {self.source!r}; known: {', '.join(sorted(SOURCES))}")
         if self.channels not in (1, 3):

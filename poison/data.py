@@ -22,7 +22,7 @@ import torch
 
 from poison.errors import ConfigError, DataSourceError
 
-__all__ = ["Dataset", "SOURCES", "load_source", "stratified_split", "mnist5k_path"]
+__all__ = ["Dataset", "SOURCES", "load_source", "stratified_split", "subsample_per_class", "mnist5k_path"]
 
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 
@@ -194,7 +194,21 @@ def load_source(name: str, root: str | None = None, channels: int = 1) -> Datase
         raise ConfigError(f"data.source: unknown source {name!r}; known: {', '.join(sorted(SOURCES))}")
     if name == "imagefolder":
         return load_image_folder(root, channels)
-    return SOURCES[name](root)
+    return convert_channels(SOURCES[name](root), channels)
+
+
+def convert_channels(ds: Dataset, channels: int) -> Dataset:
+    """Return ``ds`` with ``channels`` channels: grey repeated to RGB, RGB to luma (ITU-R 601)."""
+    have = ds.images.shape[1]
+    if have == channels:
+        return ds
+    if channels == 3:
+        return Dataset(ds.images.repeat(1, 3, 1, 1), ds.labels, ds.classes)
+    if channels == 1:
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        grey = (ds.images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        return Dataset(grey, ds.labels, ds.classes)
+    raise ConfigError(f"data.channels: expected 1 or 3, got {channels}")
 
 
 def stratified_split(
@@ -220,13 +234,19 @@ def stratified_split(
     classes, counts = torch.unique(labels, return_counts=True)
     # quota[s][c]: samples of class c in split s, by largest remainder per split.
     quotas: dict[str, torch.Tensor] = {}
+    left = counts.clone()
     for name, size in fixed.items():
         exact = counts.double() * size / n
-        base = exact.floor().long()
-        short = size - int(base.sum())
-        order = torch.argsort(exact - base, descending=True, stable=True)
-        base[order[:short]] += 1
+        base = torch.minimum(exact.floor().long(), left)
+        # Hand out the remaining samples by largest remainder, only to classes with some left.
+        for _ in range(size - int(base.sum())):
+            room = (left - base) > 0
+            if not bool(room.any()):
+                break
+            gap = torch.where(room, exact - base.double(), torch.tensor(-float("inf"), dtype=torch.float64))
+            base[int(torch.argmax(gap))] += 1
         quotas[name] = base
+        left = left - base
     out: dict[str, list[torch.Tensor]] = {name: [] for name in sizes}
     for ci, cls in enumerate(classes.tolist()):
         members = torch.nonzero(labels == cls).flatten()
@@ -239,3 +259,12 @@ def stratified_split(
                 start += take
         out[rest[0]].append(members[start:])
     return {name: torch.sort(torch.cat(parts)).values for name, parts in out.items()}
+
+
+def subsample_per_class(labels: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
+    """Return sorted indices of at most ``per_class`` randomly chosen samples of each class."""
+    keep = []
+    for cls in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == cls).flatten()
+        keep.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
+    return torch.sort(torch.cat(keep)).values

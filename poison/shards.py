@@ -320,7 +320,7 @@ def _decode(sample: dict[str, Any], url: str) -> dict[str, Any]:
         if need not in sample:
             raise ShardError(f"{url}: sample {key!r} lacks its {need!r} member")
     with Image.open(io.BytesIO(sample["png"])) as img:
-        arr = np.asarray(img)
+        arr = np.array(img)  # a copy: PIL buffers are read-only
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     out = {
         "key": key,

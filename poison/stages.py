@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import torch
 
-from poison.attacks.deepconfuse import DeepConfuse, TrialRecord, Target, budget_levels
+from poison.attacks.deepconfuse import DeepConfuse, TrialRecord, budget_levels, poison_images
 from poison.config import Params, to_dict
-from poison.data import load_source, stratified_split
+from poison.data import load_source, stratified_split, subsample_per_class
 from poison.errors import CheckpointError, ShardError
 from poison.evaluate import save_confusion_png, summarise, train_and_test
 from poison.models import create_generator
@@ -47,6 +47,8 @@ def prepare(params: Params) -> dict[str, Any]:
     ds = load_source(cfg.source, cfg.root, cfg.channels)
     if ds.images.shape[-1] != ds.images.shape[-2]:
         raise ShardError(f"data.source {cfg.source!r}: images must be square, got {tuple(ds.images.shape[-2:])}")
+    if cfg.per_class is not None:
+        ds = ds.subset(subsample_per_class(ds.labels, cfg.per_class, make_generator(params.seed, "subset")))
     index = stratified_split(ds.labels, {"train": -1, "val": cfg.val_size, "test": cfg.test_size},
                              make_generator(params.seed, "split"))
     splits = {}
@@ -141,8 +143,18 @@ def poison(params: Params) -> dict[str, Any]:
             "rerun train_generator (`dvc repro`)"
         )
     clean = read_manifest(params.paths.clean)
+    image = clean["image"]
+    if (ckpt["in_channels"], ckpt["image_size"]) != (image["channels"], image["height"]):
+        raise CheckpointError(
+            f"{params.paths.generator}: trained for {ckpt['in_channels']}x{ckpt['image_size']}px images, but "
+            f"{params.paths.clean} has {image['channels']}x{image['height']}px; rerun train_generator"
+        )
+    if ckpt["source"]["manifest_sha256"] != manifest_sha256(params.paths.clean):
+        raise CheckpointError(
+            f"{params.paths.generator}: trained on a different clean dataset than {params.paths.clean} "
+            "(manifest sha256 differs); rerun train_generator (`dvc repro`)"
+        )
     x, y, meta = load_split(params.paths.clean, "train")
-    from poison.attacks.deepconfuse import poison_images
 
     x_p = poison_images(gen, x, ckpt["eps"], device, params.poison.batch_size)
     diff = (x_p.to(torch.int16) - x.to(torch.int16)).abs()
@@ -213,7 +225,7 @@ def evaluate(params: Params) -> dict[str, Any]:
                 runs.append({"seed": seed, **m})
                 log.info("evaluate: %s-trained %s seed %d: test accuracy %.4f", kind, arch, seed, m["accuracy"])
             out[kind][arch] = {**summarise(runs), "runs": runs}
-            save_confusion_png(runs[0]["confusion_matrix"], classes, reports / f"confusion_{kind}_{arch}.png",
+            save_confusion_png(runs[0]["confusion_matrix"], classes, reports / "confusion" / f"{kind}_{arch}.png",
                                f"{arch} trained on {kind} data, clean test (seed {runs[0]['seed']})")
     atomic_write_json(reports / "metrics.json", out)
     return {arch: {"clean": out["clean"][arch]["accuracy_mean"], "poisoned": out["poisoned"][arch]["accuracy_mean"]}

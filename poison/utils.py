@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
+from poison.errors import ConfigError
+
 __all__ = [
     "resolve_device",
     "make_generator",
@@ -32,7 +34,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             f"device: expected 'auto', 'cpu' or an available CUDA device, got {name!r} "
             "but CUDA is not available; set device: auto or cpu in params.yaml"
         )

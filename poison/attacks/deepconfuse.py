@@ -63,11 +63,16 @@ class DeepConfuseConfig:
     trials: int = 10
     victim_epochs: int = 1
     batch_size: int = 64
+    victim_optimizer: Literal["sgd", "adam"] = "sgd"
     victim_lr: float = 0.01
     unroll_lr: float = 0.01
     generator_lr: float = 1e-4
+    generator_lr_schedule: Literal["constant", "cosine"] = "constant"
     quantize: bool = True
     select_every: int = 1
+    adversarial_weight: float = 0.0
+    adversarial_shift: int = 1
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=1e-3, epochs=3, batch_size=64))
     validation: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=0.01, epochs=2, batch_size=64))
 
     def __post_init__(self) -> None:
@@ -80,6 +85,8 @@ class DeepConfuseConfig:
         for key in ("trials", "victim_epochs", "batch_size", "select_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        if self.adversarial_weight < 0:
+            raise ConfigError(f"adversarial_weight: expected >= 0, got {self.adversarial_weight}")
         for key in ("victim_lr", "unroll_lr", "generator_lr"):
             if not 0 < getattr(self, key) <= 10:
                 raise ConfigError(f"{key}: expected 0 < {key} <= 10, got {getattr(self, key)}")
@@ -162,11 +169,23 @@ class Target:
             return -F.cross_entropy(logits, y)
         return F.cross_entropy(logits, self.target_map.to(y.device)[y])
 
-    def score(self, pred: torch.Tensor, y: torch.Tensor) -> float:
-        """Return the attack's badness on clean data (lower = stronger poison)."""
+    def feature_map(self, num_classes: int, shift: int) -> torch.Tensor:
+        """Return, per label c, the class whose features the poison of class c should carry.
+
+        A model that learns "features of class f(c) -> label c" predicts f^-1(y) on a clean
+        image of class y. Untargeted: f(c) = (c + shift) mod C. Label-specific: f = t^-1,
+        so clean images of class y are predicted t(y); this needs t to be a permutation.
+        """
         if self.target_map is None:
-            return float((pred == y).float().mean())
-        return 1.0 - float((pred == self.target_map[y]).float().mean())
+            if shift % num_classes == 0:
+                raise ConfigError(f"adversarial_shift: must not be a multiple of {num_classes}, got {shift}")
+            return (torch.arange(num_classes) + shift) % num_classes
+        if sorted(self.target_map.tolist()) != list(range(num_classes)):
+            raise ConfigError(
+                f"adversarial_weight: the targeted-adversarial term needs a target map that is a "
+                f"permutation, got {self.target_map.tolist()}; set adversarial_weight: 0"
+            )
+        return torch.argsort(self.target_map)
 
 
 @dataclass
@@ -201,6 +220,7 @@ class DeepConfuse:
         self.generator.eval()
         self.curve: list[TrialRecord] = []
         self.best_trial: int | None = None
+        self._reference: nn.Module | None = None
 
     # ------------------------------------------------------------------ training
     def _victim(self, trial: int, purpose: str) -> nn.Module:
@@ -219,6 +239,11 @@ class DeepConfuse:
         grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
         unrolled = {k: p - cfg.unroll_lr * g for (k, p), g in zip(params.items(), grads)}
         outer = self.target.generator_loss(functional_call(victim, (unrolled, buffers), (x,)), y)
+        if self._reference is not None:
+            # [adapt] Targeted-adversarial term against a clean-trained reference model:
+            # poison of class y should carry features of class t(y) (Fowl et al., 2021).
+            adv_target = self._adv_map.to(y.device)[y]
+            outer = outer + cfg.adversarial_weight * F.cross_entropy(self._reference(x_p), adv_target)
         opt_g.zero_grad(set_to_none=True)
         outer.backward(inputs=list(g_train.parameters()))
         opt_g.step()
@@ -239,6 +264,14 @@ class DeepConfuse:
             train_labels, val_labels: (N,) int64
         """
         cfg = self.config
+        self._reference = None
+        if cfg.adversarial_weight > 0:
+            c, s_, k = self.shape
+            ref = self._victim(0, "reference")
+            order = torch.Generator().manual_seed(derive_seed(self.seed, "reference-order"))
+            train_classifier(ref, train_images, train_labels, cfg.pretrain, order)
+            self._reference = ref.eval().requires_grad_(False)
+            self._adv_map = self.target.feature_map(k, cfg.adversarial_shift)
         x_all = to_float(train_images).to(self.device)
         y_all = train_labels.long().to(self.device)
         order_gen = torch.Generator().manual_seed(derive_seed(self.seed, "batch-order"))
@@ -251,7 +284,14 @@ class DeepConfuse:
         for trial in range(cfg.trials):
             start = time.perf_counter()
             victim = self._victim(trial, "surrogate").train()
-            opt_v = torch.optim.SGD(victim.parameters(), lr=cfg.victim_lr)
+            if cfg.victim_optimizer == "adam":
+                opt_v: torch.optim.Optimizer = torch.optim.Adam(victim.parameters(), lr=cfg.victim_lr)
+            else:
+                opt_v = torch.optim.SGD(victim.parameters(), lr=cfg.victim_lr)
+            if cfg.generator_lr_schedule == "cosine":
+                # Decay over trials so the generator settles instead of oscillating late.
+                for group in opt_g.param_groups:
+                    group["lr"] = cfg.generator_lr * 0.5 * (1 + math.cos(math.pi * trial / cfg.trials))
             for _ in range(cfg.victim_epochs):
                 order = torch.randperm(n, generator=order_gen).to(self.device)
                 for b in range(0, n - cfg.batch_size + 1, cfg.batch_size):

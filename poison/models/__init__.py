@@ -37,8 +37,8 @@ GENERATORS: dict[str, Callable[..., nn.Module]] = {
 
 #: Smallest square input each model accepts (all sizes above work).
 MIN_IMAGE_SIZE: dict[str, int] = {
-    "dc_cnn": 12, "dc_cnn_small": 12, "dc_cnn_large": 12, "mlp": 1, "resnet8": 8, "resnet20": 8,
-    "test_cnn": 12, "dc_autoencoder": 12, "unet": 8, "test_autoencoder": 12, "test_unet": 8,
+    "dc_cnn": 16, "dc_cnn_small": 16, "dc_cnn_large": 20, "mlp": 1, "resnet8": 8, "resnet20": 8,
+    "test_cnn": 16, "dc_autoencoder": 16, "unet": 8, "test_autoencoder": 16, "test_unet": 8,
 }
 
 

@@ -22,7 +22,7 @@ class DCCNN(nn.Module):
     channels, FC 500). ``widths`` and ``hidden`` give the small and large variants.
 
     Shape:
-        x: (N, C, H, W) in [0, 1], H = W >= 12
+        x: (N, C, H, W) in [0, 1], H = W >= 16 (20 for three conv layers)
         returns: (N, num_classes) logits
     """
 

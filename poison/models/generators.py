@@ -19,7 +19,7 @@ class DCAutoencoder(nn.Module):
     The decoder yields 28x28; other sizes are resized back to the input size.
 
     Shape:
-        x: (N, C, H, W) in [0, 1], H = W >= 12
+        x: (N, C, H, W) in [0, 1], H = W >= 16
         returns: (N, C, H, W) in [-1, 1]
     """
 

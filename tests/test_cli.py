@@ -1,0 +1,89 @@
+"""poison.cli: `poison verify`, `poison inspect`, `poison run`, called in-process."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from conftest import tiny_params_dict
+from poison.cli import main
+from poison.shards import read_manifest
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_verify_good_dataset(clean_dataset, capsys):
+    assert main(["verify", str(clean_dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "300 samples" in out
+
+
+def test_verify_names_the_truncated_shard(clean_dataset, tmp_path, capsys):
+    copy = tmp_path / "clean"
+    shutil.copytree(clean_dataset, copy)
+    bad = copy / "train-000001.tar"
+    bad.write_bytes(bad.read_bytes()[:1000])
+    assert main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "train-000001.tar" in err and "1 bad shard" in err
+    assert "train-000000.tar" not in err
+
+
+def test_verify_folder_without_manifest(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 1
+    assert "no manifest" in capsys.readouterr().err
+
+
+def test_inspect_poisoned_dataset(poisoned_dataset, clean_dataset, tmp_path, capsys):
+    out_png = tmp_path / "grid.png"
+    assert main(["inspect", str(poisoned_dataset), "--clean", str(clean_dataset), "--out", str(out_png)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("POISONED DATA")
+    assert "kind: poisoned" in out and "method: deepconfuse" in out and "eps: 0.3" in out
+    assert "train: 210 samples" in out
+    assert out_png.read_bytes()[:8] == PNG
+
+
+def test_inspect_refuses_a_clean_set_it_was_not_made_from(poisoned_dataset, clean_dataset, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(clean_dataset, other)
+    manifest = other / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"seed": 0', '"seed": 1'))
+    code = main(["inspect", str(poisoned_dataset), "--clean", str(other), "--out", str(tmp_path / "g.png")])
+    assert code == 1
+    assert "manifest sha256 differs" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_inspect_clean_dataset(clean_dataset, tmp_path, capsys):
+    out_png = tmp_path / "clean.png"
+    assert main(["inspect", str(clean_dataset), "--out", str(out_png)]) == 0
+    out = capsys.readouterr().out
+    assert "POISONED" not in out and "kind: clean" in out and "method: None" in out
+    assert "test: 60 samples" in out
+    assert out_png.read_bytes()[:8] == PNG
+
+
+def test_run_prepare_from_a_params_file(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict(tmp_path)))
+    assert main(["run", "--params", str(params), "--stages", "prepare"]) == 0
+    assert "prepare:" in capsys.readouterr().out
+    m = read_manifest(tmp_path / "data" / "shards" / "mnist5k")
+    assert {k: v["samples"] for k, v in m["splits"].items()} == {"train": 210, "val": 30, "test": 60}
+
+
+def test_run_with_a_bad_params_file_reports_the_key(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict(tmp_path, train_generator={"eps": 2})))
+    assert main(["run", "--params", str(params)]) == 1
+    assert "train_generator.eps" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["explode"])
+    assert info.value.code == 2

@@ -1,0 +1,111 @@
+"""`dvc repro` end to end on tiny params, in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from poison.shards import read_manifest, verify_dataset
+
+BIN = Path(sys.executable).parent
+
+
+def _tiny_repo_params() -> dict:
+    """The repository's params.yaml with tiny values: same sections and keys, paths unchanged."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["device"] = "cpu"
+    params["data"].update(per_class=30, test_size=60, val_size=30, shard_size=100)
+    params["train_generator"].update(generator="test_autoencoder", surrogate="test_cnn", trials=1, batch_size=64)
+    for section in ("validation", "pretrain"):
+        if isinstance(params["train_generator"].get(section), dict):
+            params["train_generator"][section].update(epochs=1, batch_size=64)
+    params["poison"].update(batch_size=100, shard_size=100)
+    params["evaluate"].update(archs=["test_cnn"], seeds=[0])
+    params["evaluate"]["recipe"].update(epochs=1, batch_size=64)
+    return params
+
+
+def _copy_repository(dest: Path) -> None:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if rel.startswith(("tests/", "benchmarks/")) or not (REPO / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+
+
+@pytest.fixture(scope="module")
+def dvc_env(tmp_path_factory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DVC_", "GIT_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / "cache"),
+        XDG_CONFIG_HOME=str(home / "config"),
+        MPLCONFIGDIR=str(home / "mpl"),
+        TMPDIR=str(tmp_path_factory.mktemp("tmp")),
+        OMP_NUM_THREADS="1",
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(home / "dvc-site-cache"),
+        PREFECT_HOME=str(home / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid",
+    )
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_then_up_to_date(tmp_path, dvc_env):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_repository(repo)
+    (repo / "params.yaml").write_text(yaml.safe_dump(_tiny_repo_params(), sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny"]):
+        assert _run(cmd, repo, dvc_env).returncode == 0
+
+    dvc = str(BIN / "dvc")
+    first = _run([dvc, "repro"], repo, dvc_env, timeout=600)
+    log = first.stdout + first.stderr
+    assert first.returncode == 0, log[-4000:]
+    for stage in ("prepare", "train_generator", "poison", "evaluate"):
+        assert f"Running stage '{stage}'" in log
+
+    clean = repo / "data" / "shards" / "mnist5k"
+    poisoned = repo / "data" / "shards" / "mnist5k-deepconfuse"
+    assert verify_dataset(clean) == [] and verify_dataset(poisoned) == []
+    assert {k: v["samples"] for k, v in read_manifest(clean)["splits"].items()} == {"train": 210, "val": 30, "test": 60}
+    assert read_manifest(poisoned)["kind"] == "poisoned"
+    assert (repo / "models" / "generator.pt").stat().st_size > 0
+    metrics = json.loads((repo / "reports" / "evaluate" / "metrics.json").read_text())
+    for kind in ("clean", "poisoned"):
+        assert 0.0 <= metrics[kind]["test_cnn"]["accuracy_mean"] <= 1.0
+    assert metrics["budget"]["within_budget"] is True
+    assert (repo / "reports" / "evaluate" / "confusion" / "poisoned_test_cnn.png").is_file()
+    assert (repo / "dvc.lock").is_file()
+
+    second = _run([dvc, "repro"], repo, dvc_env)
+    log2 = second.stdout + second.stderr
+    assert second.returncode == 0, log2[-4000:]
+    assert "Running stage" not in log2
+    for stage in ("prepare", "train_generator", "poison", "evaluate"):
+        assert f"Stage '{stage}' didn't change" in log2
+    assert "Data and pipelines are up to date" in log2
+
+    status = _run([dvc, "status"], repo, dvc_env)
+    assert status.returncode == 0 and "Data and pipelines are up to date" in status.stdout + status.stderr

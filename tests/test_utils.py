@@ -1,0 +1,51 @@
+"""poison.utils: derived seeds, atomic writes, devices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from poison.errors import PoisonError
+from poison.utils import atomic_path, atomic_write_json, canonical_json, derive_seed, make_generator, resolve_device
+
+
+def test_derive_seed_is_stable_distinct_and_63_bit():
+    assert derive_seed(0, "split") == derive_seed(0, "split")
+    seeds = {derive_seed(s, p, t) for s in (0, 1) for p in ("split", "subset", "generator-init") for t in (0, 1)}
+    assert len(seeds) == 12
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert derive_seed(3, "a", 1) != derive_seed(3, "a1")  # parts are separated
+
+
+def test_make_generator_streams():
+    a = torch.randperm(20, generator=make_generator(0, "x"))
+    b = torch.randperm(20, generator=make_generator(0, "x"))
+    c = torch.randperm(20, generator=make_generator(0, "y"))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_atomic_path_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.json"
+    atomic_write_json(target, {"b": 1, "a": [1, 2]})
+    assert target.read_text() == canonical_json({"a": [1, 2], "b": 1})
+    assert json.loads(target.read_text()) == {"a": [1, 2], "b": 1}
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert json.loads(target.read_text()) == {"a": [1, 2], "b": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_cuda_is_a_reported_configuration_error():
+    # The CLI and the flows print PoisonErrors as one line; anything else is a traceback.
+    with pytest.raises(PoisonError, match=r"device.*set device: auto or cpu"):
+        resolve_device("cuda")
