@@ -386,6 +386,9 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
         lines += [f"# Clean dataset: {manifest['dataset']}", ""]
     budget = manifest.get("budget") or {}
     src = manifest.get("source") or {}
+    first = "train" if "train" in manifest["splits"] else next(iter(manifest["splits"]), "train")
+    count = sum(1 for r in manifest["shards"] if r["split"] == first)
+    urls = f"{first}-{{000000..{max(count - 1, 0):06d}}}.tar"
     lines += [
         "## How it was made",
         f"- kind: `{kind}`; method: `{manifest.get('method') or 'none (clean copy of the source)'}`",
@@ -403,12 +406,12 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
         "```python",
         "from poison.shards import load_split, verify_dataset",
         "assert not verify_dataset('.')            # sha256 of every shard against the manifest",
-        "images, labels, meta = load_split('.', 'train')",
+        f"images, labels, meta = load_split('.', '{first}')",
         "```",
         "or with WebDataset directly (members: `png`, `cls`, `json`):",
         "```python",
         "import webdataset as wds",
-        "ds = wds.WebDataset('train-{000000..000003}.tar', shardshuffle=False).decode('pil').to_tuple('png', 'cls')",
+        f"ds = wds.WebDataset('{urls}', shardshuffle=False).decode('pil').to_tuple('png', 'cls')",
         "```",
         "or from the command line: `poison verify .` and `poison inspect .`.",
         "",
@@ -419,6 +422,10 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
     ]
     if metrics:
         lines += ["## Metrics", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```", ""]
+    elif kind != "clean":
+        lines += ["## Metrics",
+                  "Downstream accuracy of models trained on this data, tested on the clean test split of the "
+                  "source, is written by the pipeline's `evaluate` stage to `reports/evaluate/metrics.json`.", ""]
     lines += ["## Shards", "| file | split | samples | bytes | sha256 |", "|---|---|---|---|---|"]
     lines += [f"| {r['file']} | {r['split']} | {r['samples']} | {r['bytes']} | `{r['sha256']}` |" for r in manifest["shards"]]
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from poison.attacks.deepconfuse import DeepConfuse, TrialRecord, budget_levels, poison_images
+from poison.attacks.deepconfuse import CHECKPOINT_FORMAT, DeepConfuse, TrialRecord, budget_levels, poison_images
 from poison.config import Params, to_dict
 from poison.data import load_source, stratified_split, subsample_per_class
 from poison.errors import CheckpointError, ShardError
@@ -32,7 +32,6 @@ from poison.utils import atomic_path, atomic_write_json, make_generator, resolve
 __all__ = ["prepare", "train_generator", "poison", "evaluate", "load_generator", "STAGES", "CHECKPOINT_FORMAT"]
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = "poison.deepconfuse/1"
 
 
 def _reports(params: Params, stage: str) -> Path:

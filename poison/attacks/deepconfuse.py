@@ -16,6 +16,16 @@ After each trial (``victim_epochs`` epochs) the trained generator is copied into
 frozen one and the victim is re-initialised. Unlike the authors' code, the generator
 kept is the one whose poison, quantized to uint8 exactly as stored, does most harm
 to a victim trained on it as judged on the *validation* split (never the test split).
+
+Our additions, all off at their defaults except where params.yaml turns them on, and
+each a keyword of ``DeepConfuseConfig``:
+- ``generator_lr_schedule="cosine"``: decay the generator's Adam lr over the trials.
+- ``untargeted_loss="log_not_true"``: minimise -log(1 - p_y) instead of -CE (bounded).
+- ``adversarial_weight > 0`` [adapt]: add a targeted-adversarial term against a
+  clean-trained reference model, CE(f_ref(x'), m(y)), where m maps each class to the
+  class whose features its poison should carry (Fowl et al., "Adversarial Examples
+  Make Strong Poisons", NeurIPS 2021, arXiv 2106.10807).
+- ``victim_optimizer="adam"``: train the surrogate victim with Adam.
 """
 
 from __future__ import annotations
@@ -44,7 +54,11 @@ __all__ = [
     "perturb",
     "quantize_poison",
     "budget_levels",
+    "poison_images",
+    "CHECKPOINT_FORMAT",
 ]
+
+CHECKPOINT_FORMAT = "poison.deepconfuse/1"
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +74,7 @@ class DeepConfuseConfig:
     target: Literal["untargeted", "label_specific"] = "untargeted"
     target_shift: int = 1
     target_map: tuple[int, ...] | None = None
+    untargeted_loss: Literal["ce", "log_not_true"] = "ce"
     trials: int = 10
     victim_epochs: int = 1
     batch_size: int = 64
@@ -138,12 +153,13 @@ class Target:
     """
 
     target_map: torch.Tensor | None = None
+    untargeted_loss: str = "ce"
 
     @classmethod
     def from_config(cls, cfg: DeepConfuseConfig, num_classes: int) -> "Target":
         """Return the target of ``cfg`` for ``num_classes`` classes."""
         if cfg.target == "untargeted":
-            return cls(None)
+            return cls(None, cfg.untargeted_loss)
         if cfg.target_map is not None:
             if len(cfg.target_map) != num_classes or not all(0 <= t < num_classes for t in cfg.target_map):
                 raise ConfigError(
@@ -166,6 +182,12 @@ class Target:
     def generator_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return the loss the generator minimises, from the unrolled victim's clean logits."""
         if self.target_map is None:
+            if self.untargeted_loss == "log_not_true":
+                # -log(1 - p_y): bounded below by 0 once a sample is confidently wrong, so the
+                # generator spreads its effort over every sample instead of a few (unbounded -CE).
+                log_p = F.log_softmax(logits, dim=1)
+                log_py = log_p.gather(1, y[:, None]).squeeze(1)
+                return -torch.log1p(-log_py.exp().clamp(max=1 - 1e-6)).mean()
             return -F.cross_entropy(logits, y)
         return F.cross_entropy(logits, self.target_map.to(y.device)[y])
 
@@ -348,7 +370,7 @@ class DeepConfuse:
         """Return a checkpoint: tensors and plain values only (loadable with weights_only=True)."""
         c, s, k = self.shape
         return {
-            "format": "poison.deepconfuse/1",
+            "format": CHECKPOINT_FORMAT,
             "generator_arch": self.config.generator,
             "in_channels": c,
             "image_size": s,

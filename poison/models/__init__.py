@@ -31,6 +31,7 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
 GENERATORS: dict[str, Callable[..., nn.Module]] = {
     "dc_autoencoder": DCAutoencoder,
     "unet": UNet,
+    "unet16": partial(UNet, width=16),
     "test_autoencoder": partial(DCAutoencoder, width=2),
     "test_unet": partial(UNet, width=4),
 }
@@ -38,7 +39,7 @@ GENERATORS: dict[str, Callable[..., nn.Module]] = {
 #: Smallest square input each model accepts (all sizes above work).
 MIN_IMAGE_SIZE: dict[str, int] = {
     "dc_cnn": 16, "dc_cnn_small": 16, "dc_cnn_large": 20, "mlp": 1, "resnet8": 8, "resnet20": 8,
-    "test_cnn": 16, "dc_autoencoder": 16, "unet": 8, "test_autoencoder": 16, "test_unet": 8,
+    "test_cnn": 16, "dc_autoencoder": 16, "unet": 8, "unet16": 8, "test_autoencoder": 16, "test_unet": 8,
 }
 
 
