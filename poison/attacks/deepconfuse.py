@@ -20,7 +20,9 @@ to a victim trained on it as judged on the *validation* split (never the test sp
 Our additions, all off at their defaults except where params.yaml turns them on, and
 each a keyword of ``DeepConfuseConfig``:
 - ``generator_lr_schedule="cosine"``: decay the generator's Adam lr over the trials.
-- ``untargeted_loss="log_not_true"``: minimise -log(1 - p_y) instead of -CE (bounded).
+- ``untargeted_loss="log_not_true"``: minimise -log(1 - p_y) instead of -CE (bounded);
+  ``"derangement"``: minimise CE to a fixed wrong class (y + target_shift) mod C, i.e.
+  the label-specific objective used for an untargeted attack (scored by accuracy).
 - ``adversarial_weight > 0`` [adapt]: add a targeted-adversarial term against a
   clean-trained reference model, CE(f_ref(x'), m(y)), where m maps each class to the
   class whose features its poison should carry (Fowl et al., "Adversarial Examples
@@ -74,7 +76,7 @@ class DeepConfuseConfig:
     target: Literal["untargeted", "label_specific"] = "untargeted"
     target_shift: int = 1
     target_map: tuple[int, ...] | None = None
-    untargeted_loss: Literal["ce", "log_not_true"] = "ce"
+    untargeted_loss: Literal["ce", "log_not_true", "derangement"] = "ce"
     trials: int = 10
     victim_epochs: int = 1
     batch_size: int = 64
@@ -146,34 +148,42 @@ def quantize_poison(clean: torch.Tensor, poisoned: torch.Tensor, eps: float) -> 
 
 @dataclass(frozen=True)
 class Target:
-    """What the poison should make a trained model do.
+    """What the poison should make a trained model do, and the generator loss that says so.
 
-    ``target_map is None``: untargeted (maximise the clean loss). Otherwise
-    label-specific: a model trained on the poison should predict ``target_map[y]``.
+    ``target_map is None``: untargeted, scored by clean accuracy (lower is stronger).
+    Otherwise label-specific: a model trained on the poison should predict
+    ``target_map[y]``, scored by that target rate. ``push_map`` is the label map the
+    generator's loss pushes the unrolled victim towards (label-specific: the target map;
+    untargeted ``derangement``: a fixed wrong class per class), None for the losses that
+    only push away from the true label (``ce``: the authors' -CE; ``log_not_true``).
     """
 
     target_map: torch.Tensor | None = None
+    push_map: torch.Tensor | None = None
     untargeted_loss: str = "ce"
 
     @classmethod
     def from_config(cls, cfg: DeepConfuseConfig, num_classes: int) -> "Target":
         """Return the target of ``cfg`` for ``num_classes`` classes."""
         if cfg.target == "untargeted":
-            return cls(None, cfg.untargeted_loss)
+            push = None
+            if cfg.untargeted_loss == "derangement":
+                push = _shift_map(num_classes, cfg.target_shift, "target_shift")
+            return cls(None, push, cfg.untargeted_loss)
         if cfg.target_map is not None:
             if len(cfg.target_map) != num_classes or not all(0 <= t < num_classes for t in cfg.target_map):
                 raise ConfigError(
                     f"target_map: expected {num_classes} labels in [0, {num_classes - 1}], got {list(cfg.target_map)}"
                 )
             mapping = torch.tensor(cfg.target_map, dtype=torch.long)
+            if bool((mapping == torch.arange(num_classes)).any()):
+                raise ConfigError(
+                    f"target_map: a label-specific target must differ from the true label for every class, "
+                    f"got {mapping.tolist()}"
+                )
         else:
-            mapping = (torch.arange(num_classes) + cfg.target_shift) % num_classes
-        if bool((mapping == torch.arange(num_classes)).any()):
-            raise ConfigError(
-                f"target_map/target_shift: a label-specific target must differ from the true label for every "
-                f"class, got map {mapping.tolist()}; choose target_shift not a multiple of {num_classes}"
-            )
-        return cls(mapping)
+            mapping = _shift_map(num_classes, cfg.target_shift, "target_shift")
+        return cls(mapping, mapping, "ce")
 
     @property
     def label_specific(self) -> bool:
@@ -181,33 +191,39 @@ class Target:
 
     def generator_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return the loss the generator minimises, from the unrolled victim's clean logits."""
-        if self.target_map is None:
-            if self.untargeted_loss == "log_not_true":
-                # -log(1 - p_y): bounded below by 0 once a sample is confidently wrong, so the
-                # generator spreads its effort over every sample instead of a few (unbounded -CE).
-                log_p = F.log_softmax(logits, dim=1)
-                log_py = log_p.gather(1, y[:, None]).squeeze(1)
-                return -torch.log1p(-log_py.exp().clamp(max=1 - 1e-6)).mean()
-            return -F.cross_entropy(logits, y)
-        return F.cross_entropy(logits, self.target_map.to(y.device)[y])
+        if self.push_map is not None:
+            return F.cross_entropy(logits, self.push_map.to(y.device)[y])
+        if self.untargeted_loss == "log_not_true":
+            # -log(1 - p_y): bounded below by 0 once a sample is confidently wrong, so the
+            # generator spreads its effort over every sample instead of a few (unbounded -CE).
+            log_py = F.log_softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+            return -torch.log1p(-log_py.exp().clamp(max=1 - 1e-6)).mean()
+        return -F.cross_entropy(logits, y)
 
     def feature_map(self, num_classes: int, shift: int) -> torch.Tensor:
         """Return, per label c, the class whose features the poison of class c should carry.
 
         A model that learns "features of class f(c) -> label c" predicts f^-1(y) on a clean
-        image of class y. Untargeted: f(c) = (c + shift) mod C. Label-specific: f = t^-1,
-        so clean images of class y are predicted t(y); this needs t to be a permutation.
+        image of class y. With a push map p, f = p^-1, so the term agrees with the
+        generator's main loss (p must be a permutation); otherwise f(c) = (c + shift) mod C.
         """
-        if self.target_map is None:
-            if shift % num_classes == 0:
-                raise ConfigError(f"adversarial_shift: must not be a multiple of {num_classes}, got {shift}")
-            return (torch.arange(num_classes) + shift) % num_classes
-        if sorted(self.target_map.tolist()) != list(range(num_classes)):
+        if self.push_map is None:
+            return _shift_map(num_classes, shift, "adversarial_shift")
+        if sorted(self.push_map.tolist()) != list(range(num_classes)):
             raise ConfigError(
                 f"adversarial_weight: the targeted-adversarial term needs a target map that is a "
-                f"permutation, got {self.target_map.tolist()}; set adversarial_weight: 0"
+                f"permutation, got {self.push_map.tolist()}; set adversarial_weight: 0"
             )
-        return torch.argsort(self.target_map)
+        return torch.argsort(self.push_map)
+
+
+def _shift_map(num_classes: int, shift: int, key: str) -> torch.Tensor:
+    if shift % num_classes == 0:
+        raise ConfigError(
+            f"{key}: must not be a multiple of {num_classes} (the number of classes), got {shift}; "
+            "every class needs a different label"
+        )
+    return (torch.arange(num_classes) + shift) % num_classes
 
 
 @dataclass
