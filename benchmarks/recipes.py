@@ -21,10 +21,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--split", choices=["val", "test"], default="val", help="clean split to score on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x, y, _ = load_split(args.clean, "train")
-    x_test, y_test, _ = load_split(args.clean, "test")
+    x_test, y_test, _ = load_split(args.clean, args.split)
     x_p, y_p, _ = load_split(args.poisoned, "train")
     for epochs in args.epochs:
         recipe = TrainConfig("adam", 1e-3, epochs=epochs, batch_size=64)

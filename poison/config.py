@@ -92,6 +92,21 @@ class PathsConfig:
     poisoned: str = "data/shards/mnist5k-deepconfuse"
     reports: str = "reports"
 
+    def __post_init__(self) -> None:
+        values = {k: getattr(self, k) for k in ("clean", "generator", "poisoned", "reports")}
+        for key, value in values.items():
+            if not value:
+                raise ConfigError(f"{key}: expected a non-empty path")
+        resolved = {k: Path(v).resolve() for k, v in values.items()}
+        for a in resolved:
+            for b in resolved:
+                if a < b and (resolved[a] == resolved[b] or resolved[a] in resolved[b].parents
+                              or resolved[b] in resolved[a].parents):
+                    raise ConfigError(
+                        f"{a}/{b}: {values[a]!r} and {values[b]!r} overlap; each stage output needs its own "
+                        "path (a poisoned dataset must never replace the clean one)"
+                    )
+
 
 @dataclass(frozen=True)
 class Params:

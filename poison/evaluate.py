@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from poison.train import TrainConfig, build_model, predict, train_classifier
-from poison.utils import atomic_path, derive_seed
+from poison.utils import atomic_path, derive_seed, make_generator
 
 __all__ = ["confusion_matrix", "classification_metrics", "train_and_test", "save_confusion_png", "summarise"]
 
@@ -24,10 +24,11 @@ def classification_metrics(pred: torch.Tensor, true: torch.Tensor, num_classes: 
                            target_map: torch.Tensor | None = None) -> dict[str, Any]:
     """Return accuracy, per-class accuracy, the confusion matrix and (if given) the target-label rate."""
     cm = confusion_matrix(pred, true, num_classes)
-    support = cm.sum(1).clamp_min(1)
+    support = cm.sum(1)
+    per_class = [None if int(n) == 0 else float(c) / int(n) for c, n in zip(cm.diag().tolist(), support.tolist())]
     out: dict[str, Any] = {
         "accuracy": float((pred == true).float().mean()),
-        "per_class_accuracy": (cm.diag().double() / support).tolist(),
+        "per_class_accuracy": per_class,  # None for a class absent from the test split
         "confusion_matrix": cm.tolist(),
         "samples": int(true.numel()),
     }
@@ -56,7 +57,7 @@ def train_and_test(
     """
     c, s = train_images.shape[1], train_images.shape[-1]
     model = build_model(arch, c, s, num_classes, derive_seed(seed, "downstream-init", arch), device, key="evaluate.archs")
-    order = torch.Generator().manual_seed(derive_seed(seed, "downstream-order", arch))
+    order = make_generator(seed, "downstream-order", arch)
     train_classifier(model, train_images, train_labels, recipe, order)
     pred = predict(model, test_images).argmax(1)
     return classification_metrics(pred, test_labels, num_classes, target_map)

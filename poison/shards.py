@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -30,7 +31,7 @@ import torch
 
 from poison import __version__
 from poison.errors import ShardError
-from poison.utils import canonical_json, git_revision, sha256_file
+from poison.utils import atomic_path, canonical_json, git_revision, sha256_file
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -144,18 +145,10 @@ def write_shard(path: str | os.PathLike[str], split: str, start: int, samples: S
             members.append((f"{key}.delta.npy", _npy_bytes(samples.deltas[begin + i].numpy().astype(np.float16))))
         members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
         members.append((f"{key}.png", _png_bytes(images[i])))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for name, data in members:
-                    _add_member(tar, name, data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                _add_member(tar, name, data)
     return {
         "file": path.name,
         "split": split,
@@ -198,6 +191,7 @@ def write_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     first = next(iter(splits.values()))
     _, c, h, w = first.images.shape
+    _remove_stale(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         records: list[dict[str, Any]] = []
@@ -241,13 +235,25 @@ def write_dataset(
 
 def _swap_in(staging: Path, out: Path) -> None:
     os.chmod(staging, 0o755)
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
+    if not out.exists():
         os.replace(staging, out)
-        shutil.rmtree(trash)
-    else:
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, trash / out.name)
+    try:
         os.replace(staging, out)
+    except OSError:
+        os.replace(trash / out.name, out)  # put the previous dataset back
+        raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove staging / old folders a killed run left beside ``out`` (never the dataset itself)."""
+    for pattern in (f".{out.name}.staging-*", f".{out.name}.old-*"):
+        for stale in out.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- reading
@@ -282,7 +288,7 @@ def verify_dataset(dataset_dir: str | os.PathLike[str]) -> list[str]:
     manifest = read_manifest(base)
     problems = []
     for rec in manifest["shards"]:
-        path = base / rec["file"]
+        path = _shard_path(base, rec)
         if not path.is_file():
             problems.append(f"{path}: missing (manifest lists it with {rec['samples']} samples)")
             continue
@@ -296,13 +302,60 @@ def verify_dataset(dataset_dir: str | os.PathLike[str]) -> list[str]:
     return problems
 
 
+_SHARD_NAME = re.compile(r"^([a-z0-9]+)-(\d{6})\.tar$")
+
+
+def _shard_path(base: Path, rec: dict[str, Any]) -> Path:
+    """Return the path of a manifest's shard record, refusing names that are not plain shard files.
+
+    The manifest is as untrusted as the shards: a name such as ``pipe:cmd`` or ``../x``
+    must never reach a URL opener or leave the dataset folder.
+    """
+    name = rec.get("file") if isinstance(rec, dict) else None
+    match = _SHARD_NAME.match(name) if isinstance(name, str) else None
+    if match is None or match.group(1) != rec.get("split"):
+        raise ShardError(
+            f"{base / 'manifest.json'}: shard entry {rec!r} is not a plain '<split>-NNNNNN.tar' file name "
+            "of its split; the manifest is corrupt or tampered with: regenerate or re-fetch the dataset"
+        )
+    return base / name
+
+
 def _check_shard(base: Path, rec: dict[str, Any]) -> None:
-    path = base / rec["file"]
+    path = _shard_path(base, rec)
     if not path.is_file() or sha256_file(path) != rec["sha256"]:
         raise ShardError(
             f"{path}: missing or sha256 differs from the manifest; the shard is corrupt or "
             "tampered with: regenerate or re-fetch the dataset (`poison verify` lists every bad shard)"
         )
+
+
+def _tar_samples(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield WebDataset-style samples ({"__key__", ext: bytes}) of a local tar, in order.
+
+    Members are grouped by key (the name up to its first dot), as WebDataset does; only
+    regular files are read and nothing is ever extracted to disk.
+    """
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            current: dict[str, Any] | None = None
+            for info in tar:
+                if not info.isfile():
+                    raise ShardError(f"{path}: member {info.name!r} is not a regular file; refusing this shard")
+                name = info.name
+                if "/" in name or "." not in name:
+                    raise ShardError(f"{path}: member name {name!r} is not '<key>.<ext>'; refusing this shard")
+                key, ext = name.split(".", 1)
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key}
+                fh = tar.extractfile(info)
+                current[ext] = fh.read() if fh is not None else b""
+            if current is not None:
+                yield current
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardError(f"{path}: unreadable tar ({exc}); the shard is truncated or corrupt: regenerate or re-fetch it") from exc
 
 
 def _decode(sample: dict[str, Any], url: str) -> dict[str, Any]:
@@ -319,14 +372,23 @@ def _decode(sample: dict[str, Any], url: str) -> dict[str, Any]:
     for need in ("png", "cls"):
         if need not in sample:
             raise ShardError(f"{url}: sample {key!r} lacks its {need!r} member")
-    with Image.open(io.BytesIO(sample["png"])) as img:
-        arr = np.array(img)  # a copy: PIL buffers are read-only
+    try:
+        with Image.open(io.BytesIO(sample["png"])) as img:
+            if img.format != "PNG" or img.mode not in ("L", "RGB"):
+                raise ShardError(f"{url}: sample {key!r}: expected an 8-bit L or RGB PNG, got {img.format} {img.mode}")
+            arr = np.array(img)  # a copy: PIL buffers are read-only
+        label = int(sample["cls"])
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ShardError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{url}: sample {key!r} does not decode ({exc}); the shard is corrupt") from exc
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     out = {
         "key": key,
         "image": torch.from_numpy(np.ascontiguousarray(arr)),
-        "label": int(sample["cls"]),
-        "meta": json.loads(sample["json"]) if "json" in sample else {},
+        "label": label,
+        "meta": meta,
     }
     if "delta.npy" in sample:
         out["delta"] = torch.from_numpy(np.load(io.BytesIO(sample["delta.npy"]), allow_pickle=False).astype(np.float32))
@@ -339,22 +401,25 @@ def iter_samples(dataset_dir: str | os.PathLike[str], split: str, verify: bool =
     With ``verify`` every shard's sha256 is checked against the manifest before any of
     its samples is yielded.
     """
-    import webdataset as wds
-
     base = Path(dataset_dir)
     manifest = read_manifest(base)
+    shape = (manifest["image"]["channels"], manifest["image"]["height"], manifest["image"]["width"])
     records = [r for r in manifest["shards"] if r["split"] == split]
     if not records and split not in manifest["splits"]:
         raise ShardError(f"{base}: no split {split!r}; it has {sorted(manifest['splits'])}")
     for rec in records:
         if verify:
             _check_shard(base, rec)
-        url = str(base / rec["file"])
-        pipeline = wds.WebDataset(url, shardshuffle=False, empty_check=False)
+        path = _shard_path(base, rec)
+        url = str(path)
         count = 0
-        for raw in pipeline:
+        for raw in _tar_samples(path):
             count += 1
-            yield _decode(raw, url)
+            sample = _decode(raw, url)
+            if tuple(sample["image"].shape) != shape:
+                raise ShardError(f"{url}: sample {sample['key']!r} has shape {tuple(sample['image'].shape)}, "
+                                 f"the manifest says {shape}; the dataset is inconsistent")
+            yield sample
         if count != rec["samples"]:
             raise ShardError(f"{url}: {count} samples, manifest says {rec['samples']}; the shard is damaged")
 
@@ -408,16 +473,20 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
         "assert not verify_dataset('.')            # sha256 of every shard against the manifest",
         f"images, labels, meta = load_split('.', '{first}')",
         "```",
-        "or with WebDataset directly (members: `png`, `cls`, `json`):",
+        "or with WebDataset directly (members: `png`, `cls`, `json`). Do not use `.decode()`: its "
+        "default decoders unpickle `.pyd`/`.pkl` and `torch.load` `.pth` members of a tampered shard.",
         "```python",
-        "import webdataset as wds",
-        f"ds = wds.WebDataset('{urls}', shardshuffle=False).decode('pil').to_tuple('png', 'cls')",
+        "import io, webdataset as wds",
+        "from PIL import Image",
+        f"ds = (wds.WebDataset('{urls}', shardshuffle=False)",
+        "      .to_tuple('png', 'cls')",
+        "      .map_tuple(lambda b: Image.open(io.BytesIO(b)), lambda b: int(b)))",
         "```",
         "or from the command line: `poison verify .` and `poison inspect .`.",
         "",
         "## Licence",
-        "Derived from the source dataset; the source dataset's licence applies "
-        "(MNIST: Y. LeCun and C. Cortes, distributed for research).",
+        f"Derived from the source dataset `{src.get('dataset', manifest['dataset'])}`; the source dataset's "
+        "licence applies (mnist5k / MNIST: Y. LeCun and C. Cortes, distributed for research).",
         "",
     ]
     if metrics:

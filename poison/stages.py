@@ -23,7 +23,7 @@ import torch
 from poison.attacks.deepconfuse import CHECKPOINT_FORMAT, DeepConfuse, TrialRecord, budget_levels, poison_images
 from poison.config import Params, to_dict
 from poison.data import load_source, stratified_split, subsample_per_class
-from poison.errors import CheckpointError, ShardError
+from poison.errors import CheckpointError, DataSourceError, PoisonError, ShardError
 from poison.evaluate import save_confusion_png, summarise, train_and_test
 from poison.models import create_generator
 from poison.shards import SplitSamples, load_split, manifest_sha256, read_manifest, write_dataset
@@ -45,14 +45,19 @@ def prepare(params: Params) -> dict[str, Any]:
     cfg = params.data
     ds = load_source(cfg.source, cfg.root, cfg.channels)
     if ds.images.shape[-1] != ds.images.shape[-2]:
-        raise ShardError(f"data.source {cfg.source!r}: images must be square, got {tuple(ds.images.shape[-2:])}")
+        raise DataSourceError(
+            f"data.source {cfg.source!r} (data.root {cfg.root!r}): images must be square, got "
+            f"{tuple(ds.images.shape[-2:])}; resize or crop them to a square first"
+        )
+    source_index = torch.arange(ds.labels.numel())
     if cfg.per_class is not None:
-        ds = ds.subset(subsample_per_class(ds.labels, cfg.per_class, make_generator(params.seed, "subset")))
+        source_index = subsample_per_class(ds.labels, cfg.per_class, make_generator(params.seed, "subset"))
+        ds = ds.subset(source_index)
     index = stratified_split(ds.labels, {"train": -1, "val": cfg.val_size, "test": cfg.test_size},
                              make_generator(params.seed, "split"))
     splits = {}
     for split, idx in index.items():
-        meta = [{"kind": "clean", "split": split, "source": cfg.source, "source_index": int(i),
+        meta = [{"kind": "clean", "split": split, "source": cfg.source, "source_index": int(source_index[i]),
                  "label": int(ds.labels[i])} for i in idx.tolist()]
         splits[split] = SplitSamples(ds.images[idx], ds.labels[idx], meta)
     manifest = write_dataset(
@@ -115,6 +120,10 @@ def _plot_curve(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+_CHECKPOINT_KEYS = {"generator_arch", "in_channels", "image_size", "num_classes", "eps", "target_map",
+                    "state_dict", "config", "source"}
+
+
 def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Return (generator in eval mode, checkpoint record) from a checkpoint file (weights_only)."""
     path = Path(path)
@@ -126,8 +135,15 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tupl
         raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({exc}); rerun train_generator") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: expected a checkpoint of format {CHECKPOINT_FORMAT!r}; rerun train_generator")
-    gen = create_generator(ckpt["generator_arch"], ckpt["in_channels"], ckpt["image_size"])
-    gen.load_state_dict(ckpt["state_dict"])
+    missing = sorted(_CHECKPOINT_KEYS - set(ckpt))
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}; rerun train_generator")
+    try:
+        gen = create_generator(ckpt["generator_arch"], ckpt["in_channels"], ckpt["image_size"])
+        gen.load_state_dict(ckpt["state_dict"])
+    except (PoisonError, RuntimeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its weights do not fit generator {ckpt['generator_arch']!r} ({exc}); "
+                              "rerun train_generator") from exc
     return gen.to(device).eval(), ckpt
 
 

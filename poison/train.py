@@ -50,7 +50,8 @@ def build_model(arch: str, in_channels: int, image_size: int, num_classes: int, 
                 device: torch.device, key: str = "arch") -> nn.Module:
     """Return classifier ``arch`` initialised from ``seed`` (global RNG state is restored)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # CPU generator only: torch.manual_seed would also reseed (and not restore) CUDA's.
+        torch.random.default_generator.manual_seed(seed)
         model = create_classifier(arch, in_channels, image_size, num_classes, key=key)
     return model.to(device)
 

@@ -70,6 +70,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp makes 0600 files; published data must be readable like any other file.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
@@ -106,16 +110,16 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def git_revision(cwd: str | os.PathLike[str] | None = None) -> str | None:
-    """Return the git commit of the working tree at ``cwd``, or None outside git."""
+    """Return the git commit of the code at ``cwd`` (suffix ``-dirty`` if it has uncommitted
+    changes there), or None outside git. Only ``cwd`` is checked, so pipeline outputs and
+    dvc.lock written elsewhere in the repository do not count."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
+        rev = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return (rev + "-dirty" if dirty else rev) or None

@@ -107,7 +107,7 @@ def test_perturb_within_eps_and_range(eps):
 
 
 def test_perturb_quantized_is_on_the_uint8_grid_with_straight_through_gradient():
-    x = torch.rand(2, 1, 6, 6, generator=_gen(0))
+    x = torch.randint(0, 256, (2, 1, 6, 6), generator=_gen(0)).float() / 255  # uint8 source, as in use
     gen = Constant(torch.sign(torch.randn(1, 1, 6, 6, generator=_gen(1))))
     q = perturb(gen, x, 0.1, quantize=True)
     assert torch.allclose(q * 255, torch.round(q * 255), atol=1e-4)

@@ -47,7 +47,7 @@ from torch.func import functional_call
 from poison.errors import ConfigError
 from poison.models import GENERATORS, CLASSIFIERS, create_generator
 from poison.train import TrainConfig, build_model, predict, to_float, train_classifier
-from poison.utils import derive_seed
+from poison.utils import derive_seed, make_generator
 
 __all__ = [
     "DeepConfuseConfig",
@@ -102,6 +102,11 @@ class DeepConfuseConfig:
         for key in ("trials", "victim_epochs", "batch_size", "select_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        if self.target == "label_specific" and self.target_map is not None:
+            if any(t < 0 for t in self.target_map) or any(t == i for i, t in enumerate(self.target_map)):
+                raise ConfigError(
+                    f"target_map: expected one label >= 0 per class, each different from its class, got {list(self.target_map)}"
+                )
         if self.adversarial_weight < 0:
             raise ConfigError(f"adversarial_weight: expected >= 0, got {self.adversarial_weight}")
         for key in ("victim_lr", "unroll_lr", "generator_lr"):
@@ -121,12 +126,15 @@ def perturb(generator: nn.Module, x: torch.Tensor, eps: float, quantize: bool = 
     gradient, so a generator trained this way optimises the poison as it will be stored.
 
     Shape:
-        x: (N, C, H, W) float in [0, 1]
+        x: (N, C, H, W) float in [0, 1] (with ``quantize``: on the 1/255 grid of uint8 images)
         returns: (N, C, H, W) float in [0, 1]
     """
     x_p = torch.clamp(x + eps * generator(x), 0.0, 1.0)
     if quantize:
-        x_p = x_p + (torch.round(x_p * 255.0) / 255.0 - x_p).detach()
+        # Exactly what quantize_poison stores (x is on the 1/255 grid of the uint8 source).
+        m = budget_levels(eps) / 255.0
+        stored = torch.minimum(torch.maximum(torch.round(x_p * 255.0) / 255.0, x - m), x + m).clamp(0.0, 1.0)
+        x_p = x_p + (stored - x_p).detach()
     return x_p
 
 
@@ -253,12 +261,13 @@ class DeepConfuse:
         self.device = torch.device(device)
         self.target = Target.from_config(config, num_classes)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, "generator-init"))
+            torch.random.default_generator.manual_seed(derive_seed(seed, "generator-init"))
             self.generator = create_generator(config.generator, in_channels, image_size).to(self.device)
         self.generator.eval()
         self.curve: list[TrialRecord] = []
         self.best_trial: int | None = None
         self._reference: nn.Module | None = None
+        self._adv_map: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ training
     def _victim(self, trial: int, purpose: str) -> nn.Module:
@@ -302,17 +311,23 @@ class DeepConfuse:
             train_labels, val_labels: (N,) int64
         """
         cfg = self.config
+        if train_images.shape[0] < cfg.batch_size:
+            raise ConfigError(
+                f"train_generator.batch_size: {cfg.batch_size} exceeds the training split ({train_images.shape[0]} "
+                "samples), so no step would run; lower it, or lower data.val_size / data.test_size, or raise data.per_class"
+            )
+        self.curve, self.best_trial = [], None
         self._reference = None
         if cfg.adversarial_weight > 0:
-            c, s_, k = self.shape
+            k = self.shape[2]
             ref = self._victim(0, "reference")
-            order = torch.Generator().manual_seed(derive_seed(self.seed, "reference-order"))
+            order = make_generator(self.seed, "reference-order")
             train_classifier(ref, train_images, train_labels, cfg.pretrain, order)
             self._reference = ref.eval().requires_grad_(False)
             self._adv_map = self.target.feature_map(k, cfg.adversarial_shift)
         x_all = to_float(train_images).to(self.device)
         y_all = train_labels.long().to(self.device)
-        order_gen = torch.Generator().manual_seed(derive_seed(self.seed, "batch-order"))
+        order_gen = make_generator(self.seed, "batch-order")
         g_train = copy.deepcopy(self.generator).train()
         g_frozen = copy.deepcopy(self.generator).eval()
         opt_g = torch.optim.Adam(g_train.parameters(), lr=cfg.generator_lr)
@@ -345,7 +360,7 @@ class DeepConfuse:
                     step += 1
             g_frozen.load_state_dict(g_train.state_dict())
             g_frozen.eval()
-            record = TrialRecord(trial, step, time.perf_counter() - start, None, None)
+            record = TrialRecord(trial, step, 0.0, None, None)
             if (trial + 1) % cfg.select_every == 0 or trial == cfg.trials - 1:
                 acc, rate = self._validate(g_frozen, train_images, train_labels, val_images, val_labels, trial)
                 record.val_accuracy, record.val_target_rate = acc, rate
@@ -365,10 +380,15 @@ class DeepConfuse:
 
     def _validate(self, gen: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
                   val_images: torch.Tensor, val_labels: torch.Tensor, trial: int) -> tuple[float, float | None]:
-        """Train a fresh surrogate on the stored (uint8) poison; return clean val accuracy, target rate."""
+        """Train a fresh surrogate on the stored (uint8) poison; return clean val accuracy, target rate.
+
+        Every trial is scored with the same victim initialisation and batch order, so
+        candidates differ only by their poison, not by the luck of a seed.
+        """
+        del trial
         poisoned = poison_images(gen, train_images, self.config.eps, self.device)
-        victim = self._victim(trial, "validation-victim")
-        order = torch.Generator().manual_seed(derive_seed(self.seed, "validation-order", trial))
+        victim = self._victim(0, "validation-victim")
+        order = make_generator(self.seed, "validation-order")
         train_classifier(victim, poisoned, train_labels, self.config.validation, order)
         pred = predict(victim, val_images).argmax(1)
         acc = float((pred == val_labels).float().mean())
