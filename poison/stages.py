@@ -13,6 +13,7 @@ Stages and what they write (paths from the ``paths`` section of params.yaml):
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from poison.errors import CheckpointError, DataSourceError, PoisonError, ShardEr
 from poison.evaluate import save_confusion_png, summarise, train_and_test
 from poison.models import create_generator
 from poison.shards import SplitSamples, load_split, manifest_sha256, read_manifest, write_dataset
-from poison.utils import atomic_path, atomic_write_json, make_generator, resolve_device
+from poison.utils import atomic_path, atomic_write_bytes, atomic_write_json, make_generator, resolve_device
 
 __all__ = ["prepare", "train_generator", "poison", "evaluate", "load_generator", "STAGES", "CHECKPOINT_FORMAT"]
 
@@ -85,8 +86,11 @@ def train_generator(params: Params, on_trial: Callable[[TrialRecord], None] | No
         "seed": params.seed,
         "source": {"dataset": clean["dataset"], "manifest_sha256": manifest_sha256(params.paths.clean)},
     }
-    with atomic_path(params.paths.generator) as tmp:
-        torch.save(ckpt, tmp)
+    # Through memory: torch.save names its zip records after the file, and the temporary
+    # file's random name would make equal checkpoints differ in bytes.
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(params.paths.generator, buf.getvalue())
     reports = _reports(params, "train_generator")
     records = [vars(r) for r in curve]
     atomic_write_json(reports / "curve.json", records)
