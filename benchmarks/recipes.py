@@ -1,6 +1,6 @@
-"""Clean test accuracy of `dc_cnn` trained on a clean and a poisoned dataset under Adam 1e-3 for N epochs.
+"""Clean accuracy of `dc_cnn` trained on a clean and a poisoned dataset under Adam (lr) for N epochs.
 
-Usage (after `dvc repro`): python benchmarks/recipes.py [--epochs 5 10] [--seeds 3 4 5]
+Usage (after `dvc repro`): python benchmarks/recipes.py [--lr 0.001] [--epochs 5 10] [--seeds 3 4 5] [--split val]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--split", choices=["val", "test"], default="val", help="clean split to score on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -28,11 +29,11 @@ def main() -> None:
     x_test, y_test, _ = load_split(args.clean, args.split)
     x_p, y_p, _ = load_split(args.poisoned, "train")
     for epochs in args.epochs:
-        recipe = TrainConfig("adam", 1e-3, epochs=epochs, batch_size=64)
+        recipe = TrainConfig("adam", args.lr, epochs=epochs, batch_size=64)
         for name, (xs, ys) in {"clean": (x, y), "poisoned": (x_p, y_p)}.items():
             accs = [train_and_test(xs, ys, x_test, y_test, arch="dc_cnn", recipe=recipe, seed=s, num_classes=10,
                                    device=torch.device("cpu"))["accuracy"] for s in args.seeds]
-            print(f"{epochs} epochs, {name}-trained: " + " ".join(f"{100 * a:.1f}" for a in accs), flush=True)
+            print(f"lr {args.lr}, {epochs} epochs, {name}-trained: " + " ".join(f"{100 * a:.1f}" for a in accs), flush=True)
 
 
 if __name__ == "__main__":
