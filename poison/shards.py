@@ -269,11 +269,16 @@ def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ShardError(f"{path}: not valid JSON ({exc}); regenerate the dataset") from exc
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: expected a JSON object; regenerate the dataset")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ShardError(
             f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}; "
             "regenerate it with this version of poison"
         )
+    missing = sorted({"dataset", "kind", "image", "classes", "splits", "shards", "seed", "package"} - set(manifest))
+    if missing:
+        raise ShardError(f"{path}: missing keys {missing}; the manifest is incomplete: regenerate the dataset")
     return manifest
 
 

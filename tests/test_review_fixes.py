@@ -96,3 +96,23 @@ def test_checkpoint_with_mismatched_weights_is_a_checkpoint_error(tmp_path):
                 "state_dict": {"nope": torch.zeros(1)}, "config": {}, "source": {}}, path)
     with pytest.raises(CheckpointError, match="do not fit generator 'test_autoencoder'"):
         load_generator(path)
+
+
+@pytest.mark.parametrize("section, match", [
+    ({"target": "untargeted", "target_map": [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]},
+     "train_generator.target_map: only used with target: label_specific"),
+    ({"target": "label_specific", "untargeted_loss": "log_not_true"},
+     "train_generator.untargeted_loss: 'log_not_true' only applies to target: untargeted"),
+])
+def test_settings_that_would_be_silently_ignored_are_rejected(section, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(Params, tiny_params_dict(train_generator=section))
+
+
+def test_manifest_missing_keys_is_a_shard_error(tmp_path):
+    ds = _dataset(tmp_path)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    del manifest["shards"]
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"missing keys \['shards'\]"):
+        verify_dataset(ds)

@@ -102,6 +102,15 @@ class DeepConfuseConfig:
         for key in ("trials", "victim_epochs", "batch_size", "select_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        if self.target == "untargeted" and self.target_map is not None:
+            raise ConfigError(
+                "target_map: only used with target: label_specific; remove it or set target: label_specific"
+            )
+        if self.target == "label_specific" and self.untargeted_loss != "ce":
+            raise ConfigError(
+                f"untargeted_loss: {self.untargeted_loss!r} only applies to target: untargeted; "
+                "set it back to ce or choose target: untargeted"
+            )
         if self.target == "label_specific" and self.target_map is not None:
             if any(t < 0 for t in self.target_map) or any(t == i for i, t in enumerate(self.target_map)):
                 raise ConfigError(
