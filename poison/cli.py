@@ -3,6 +3,7 @@
     poison run [--params params.yaml] [--stages prepare train_generator poison evaluate]
     poison inspect DIR [--clean DIR] [--out grid.png]
     poison verify DIR
+    poison bench [--params params.yaml] [--untargeted JSON] [--label-specific JSON] [--only JOB ...]
 """
 
 from __future__ import annotations
@@ -28,6 +29,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for name in args.stages:
         result = stages.STAGES[name](params)
         print(f"{name}: {json.dumps(result, default=str)}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from poison import bench
+    from poison.config import load_params
+
+    params = load_params(args.params)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = bench.BenchConfig(
+        seeds=tuple(args.seeds), recipes=tuple(args.recipes), archs=tuple(args.archs),
+        sklearn=() if args.no_sklearn else bench.SKLEARN_MODELS, eps_sweep=tuple(args.eps_sweep),
+        label_specific=not args.no_label_specific, split=args.split,
+    )
+    try:
+        unt = bench.generator_config(params, json.loads(args.untargeted), "untargeted")
+        ls = bench.generator_config(params, json.loads(args.label_specific), "label_specific")
+    except json.JSONDecodeError as exc:
+        raise PoisonError(f"--untargeted / --label-specific: expected a JSON object of train_generator keys ({exc})")
+    results = bench.run_strength(params, args.workdir, cfg, unt, ls,
+                                 only=tuple(args.only) if args.only else None, fresh=args.fresh)
+    out = Path(args.out)
+    from poison.utils import atomic_write_json
+
+    atomic_write_json(out, results)
+    command = "poison bench " + " ".join(args.argv_echo)
+    body = bench.render_markdown(results, command.strip())
+    if args.markdown:
+        bench.update_markdown(args.markdown, body)
+    print(body)
+    print(f"bench: {len(results)} job(s) in {out}" + (f", tables in {args.markdown}" if args.markdown else ""))
     return 0
 
 
@@ -128,13 +161,43 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check every shard's sha256 against the manifest")
     ver.add_argument("dir")
     ver.set_defaults(func=_cmd_verify)
+    add_bench_parser(sub)
     return parser
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand (shared with ``benchmarks/strength.py``)."""
+    from poison.bench import RECIPES, BenchConfig
+
+    d = BenchConfig()
+    b = sub.add_parser("bench", help="strength benchmark of the DeepConfuse configuration (issue 3's protocol)")
+    b.add_argument("--params", default="params.yaml", help="base configuration (train_generator, data, seed)")
+    b.add_argument("--untargeted", default="{}", help="JSON overrides of train_generator for the untargeted poison")
+    b.add_argument("--label-specific", default="{}", help="JSON overrides for the label-specific poison")
+    b.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="downstream seeds")
+    b.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(d.recipes))
+    b.add_argument("--archs", nargs="+", default=list(d.archs), help="neural classifiers (first: the surrogate's)")
+    b.add_argument("--eps-sweep", type=float, nargs="+", default=list(d.eps_sweep))
+    b.add_argument("--no-sklearn", action="store_true", help="skip the random forest and RBF SVM")
+    b.add_argument("--no-label-specific", action="store_true")
+    b.add_argument("--split", choices=["val", "test"], default="test",
+                   help="clean split the downstream models are scored on (tune on val)")
+    b.add_argument("--only", nargs="+", help="run only these jobs now (clean, untargeted, label_specific, eps<e>)")
+    b.add_argument("--fresh", action="store_true", help="ignore cached job results")
+    b.add_argument("--workdir", default="build/strength", help="shards, checkpoints and per-job results")
+    b.add_argument("--out", default="benchmarks/results/strength.json")
+    b.add_argument("--markdown", default="BENCHMARKS.md", help="file whose generated block gets the tables ('' for none)")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    b.set_defaults(func=_cmd_bench)
+    return b
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``poison`` console script; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv_echo = argv[1:]
     try:
         return args.func(args)
     except PoisonError as exc:

@@ -11,7 +11,7 @@ import torch
 from poison.train import TrainConfig, build_model, predict, train_classifier
 from poison.utils import atomic_path, derive_seed, make_generator
 
-__all__ = ["confusion_matrix", "classification_metrics", "train_and_test", "save_confusion_png", "summarise"]
+__all__ = ["confusion_matrix", "classification_metrics", "fit_classifier", "train_and_test", "save_confusion_png", "summarise"]
 
 
 def confusion_matrix(pred: torch.Tensor, true: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -37,6 +37,27 @@ def classification_metrics(pred: torch.Tensor, true: torch.Tensor, num_classes: 
     return out
 
 
+def fit_classifier(
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    *,
+    arch: str,
+    recipe: TrainConfig,
+    seed: int,
+    num_classes: int,
+    device: torch.device,
+) -> torch.nn.Module:
+    """Return classifier ``arch`` trained from scratch on the data (eval mode).
+
+    ``seed`` drives the initialisation and batch order (derived streams, so evaluation
+    seeds never coincide with those of generator training).
+    """
+    c, s = train_images.shape[1], train_images.shape[-1]
+    model = build_model(arch, c, s, num_classes, derive_seed(seed, "downstream-init", arch), device, key="evaluate.archs")
+    order = make_generator(seed, "downstream-order", arch)
+    return train_classifier(model, train_images, train_labels, recipe, order)
+
+
 def train_and_test(
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
@@ -50,15 +71,9 @@ def train_and_test(
     device: torch.device,
     target_map: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Return the test metrics of classifier ``arch`` trained from scratch on the training data.
-
-    ``seed`` drives the initialisation and batch order (derived streams, so evaluation
-    seeds never coincide with those of generator training).
-    """
-    c, s = train_images.shape[1], train_images.shape[-1]
-    model = build_model(arch, c, s, num_classes, derive_seed(seed, "downstream-init", arch), device, key="evaluate.archs")
-    order = make_generator(seed, "downstream-order", arch)
-    train_classifier(model, train_images, train_labels, recipe, order)
+    """Return the test metrics of classifier ``arch`` trained from scratch on the training data."""
+    model = fit_classifier(train_images, train_labels, arch=arch, recipe=recipe, seed=seed,
+                           num_classes=num_classes, device=device)
     pred = predict(model, test_images).argmax(1)
     return classification_metrics(pred, test_labels, num_classes, target_map)
 

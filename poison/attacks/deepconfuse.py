@@ -77,6 +77,7 @@ class DeepConfuseConfig:
     target_shift: int = 1
     target_map: tuple[int, ...] | None = None
     untargeted_loss: Literal["ce", "log_not_true", "derangement"] = "ce"
+    objective: Literal["unroll", "align"] = "unroll"
     trials: int = 10
     victim_epochs: int = 1
     batch_size: int = 64
@@ -243,6 +244,57 @@ def _shift_map(num_classes: int, shift: int, key: str) -> torch.Tensor:
     return (torch.arange(num_classes) + shift) % num_classes
 
 
+GeneratorLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unroll_objective(victim: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                     x: torch.Tensor, x_p: torch.Tensor, y: torch.Tensor, loss: GeneratorLoss,
+                     lr: float) -> torch.Tensor:
+    """Return the authors' outer loss: ``loss`` of the victim after one SGD step on the poison.
+
+    theta' = theta - lr * grad_theta CE(f_theta(x_p), y), kept differentiable in x_p;
+    returns loss(f_theta'(x), y) on the clean batch.
+
+    Shape:
+        x, x_p: (N, C, H, W) in [0, 1]; y: (N,) int64; returns a scalar
+    """
+    inner = F.cross_entropy(functional_call(victim, (params, buffers), (x_p,)), y)
+    grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+    unrolled = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
+    return loss(functional_call(victim, (unrolled, buffers), (x,)), y)
+
+
+def align_objective(victim: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                    x: torch.Tensor, x_p: torch.Tensor, y: torch.Tensor, loss: GeneratorLoss,
+                    lr: float) -> torch.Tensor:
+    """Return 1 - cos(training gradient on the poison, gradient of ``loss`` on clean data).
+
+    [adapt] The authors' unrolled step is, to first order, loss(theta) - lr * <g_target, g_poison>:
+    an inner product the generator can raise by inflating the poison's gradient rather than
+    pointing it the right way. Gradient matching (Geiping et al., "Witches' Brew",
+    arXiv 2009.02276; Fowl et al., arXiv 2103.02683) drops the scale: a victim step on the
+    poison should move theta as a step on ``loss`` over the clean batch would (for a
+    label-specific target, as training on clean images relabelled t(y)). ``lr`` is unused.
+
+    Shape:
+        x, x_p: (N, C, H, W) in [0, 1]; y: (N,) int64; returns a scalar in [0, 2]
+    """
+    del lr
+    names = list(params)
+    target = loss(functional_call(victim, (params, {k: b.clone() for k, b in buffers.items()}), (x,)), y)
+    g_target = torch.autograd.grad(target, [params[k] for k in names])
+    inner = F.cross_entropy(functional_call(victim, (params, buffers), (x_p,)), y)
+    g_poison = torch.autograd.grad(inner, [params[k] for k in names], create_graph=True)
+    dot = sum((gp * gt).sum() for gp, gt in zip(g_poison, g_target))
+    norm_p = torch.sqrt(sum((gp * gp).sum() for gp in g_poison))
+    norm_t = torch.sqrt(sum((gt * gt).sum() for gt in g_target))
+    return 1.0 - dot / (norm_p * norm_t + 1e-12)
+
+
+#: The generator's outer objective, by the name ``DeepConfuseConfig.objective`` gives.
+OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {"unroll": unroll_objective, "align": align_objective}
+
+
 @dataclass
 class TrialRecord:
     trial: int
@@ -288,13 +340,10 @@ class DeepConfuse:
                                  x: torch.Tensor, y: torch.Tensor) -> float:
         cfg = self.config
         params = {k: p.detach().requires_grad_(True) for k, p in victim.named_parameters()}
-        # Copies: the unrolled passes must not move the victim's BatchNorm statistics.
+        # Copies: the generator's passes must not move the victim's BatchNorm statistics.
         buffers = {k: b.clone() for k, b in victim.named_buffers()}
         x_p = perturb(g_train, x, cfg.eps, cfg.quantize)
-        inner = F.cross_entropy(functional_call(victim, (params, buffers), (x_p,)), y)
-        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
-        unrolled = {k: p - cfg.unroll_lr * g for (k, p), g in zip(params.items(), grads)}
-        outer = self.target.generator_loss(functional_call(victim, (unrolled, buffers), (x,)), y)
+        outer = OBJECTIVES[cfg.objective](victim, params, buffers, x, x_p, y, self.target.generator_loss, cfg.unroll_lr)
         if self._reference is not None:
             # [adapt] Targeted-adversarial term against a clean-trained reference model:
             # poison of class y should carry features of class t(y) (Fowl et al., 2021).

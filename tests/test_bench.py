@@ -1,0 +1,110 @@
+"""poison.bench: the strength benchmark runs the real stages, caches jobs, renders its tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from poison import bench
+from poison.cli import main
+from poison.errors import ConfigError
+from conftest import tiny_params, tiny_params_dict
+
+CFG = bench.BenchConfig(seeds=(0,), recipes=("A",), archs=("test_cnn",), eps_sweep=(0.2, 0.3), probe_hidden=8,
+                        split="val")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    params = tiny_params(work / "unused")
+    return params, work, bench.run_strength(params, work, CFG)
+
+
+def test_jobs_run_the_stages_and_stay_within_budget(tiny_run):
+    _, work, results = tiny_run
+    assert set(results) == {"clean", "untargeted", "label_specific", "eps0.2"}
+    for name in ("untargeted", "label_specific", "eps0.2"):
+        r = results[name]
+        assert r["within_budget"] and r["max_linf_stored"] <= r["generator_config"]["eps"] + 1e-12
+        assert (work / name / "poisoned" / "manifest.json").is_file()  # materialized as shards
+    assert results["eps0.2"]["generator_config"]["eps"] == 0.2
+    assert set(results["untargeted"]["models"]) == {"test_cnn", "random_forest", "svm_rbf"}
+    assert set(results["eps0.2"]["models"]) == {"test_cnn"}  # the sweep scores the surrogate only
+    ls = results["label_specific"]["models"]["test_cnn"]["A"][0]
+    assert 0.0 <= ls["target_rate"] <= 1.0
+    assert "target_rate" not in results["untargeted"]["models"]["test_cnn"]["A"][0]
+
+
+def test_diagnostics_are_reported(tiny_run):
+    _, _, results = tiny_run
+    diag = results["untargeted"]["diagnostics"]
+    assert set(diag["noise_only"]) == {"A/0"}
+    assert set(diag["probes"]) == {"perturbation", "clean_images", "iid_noise"}
+    for probe in diag["probes"].values():
+        assert set(probe) == {"linear", "mlp8"}
+        assert all(0.0 <= v <= 1.0 for p in probe.values() for v in p.values())
+
+
+def test_cached_jobs_are_reused_and_fresh_reruns(tiny_run, monkeypatch):
+    params, work, results = tiny_run
+    calls = []
+    monkeypatch.setattr(bench.stages, "train_generator", lambda p: calls.append(p) or pytest.fail("retrained"))
+    again = bench.run_strength(params, work, CFG)
+    assert again == json.loads(json.dumps(results)) and not calls
+    # A different configuration is a different job: not served from the cache.
+    other = bench.BenchConfig(**{**CFG.__dict__, "seeds": (1,)})
+    with pytest.raises(pytest.fail.Exception, match="retrained"):
+        bench.run_strength(params, work, other, only=("untargeted",))
+
+
+def test_unknown_job_names_the_known_ones(tiny_run):
+    params, work, _ = tiny_run
+    with pytest.raises(ConfigError, match="only: unknown job 'eps9'.*untargeted"):
+        bench.run_strength(params, work, CFG, only=("eps9",))
+
+
+def test_markdown_block_is_replaced_not_duplicated(tiny_run, tmp_path):
+    _, _, results = tiny_run
+    body = bench.render_markdown(results, "poison bench --split val")
+    assert "| `test_cnn` | A |" in body and "| `random_forest` | pixels |" in body
+    assert "| 0.2 |" in body and "| 0.3 |" in body and "Noise-only accuracy" in body
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n\nhand-written text\n")
+    bench.update_markdown(md, body)
+    bench.update_markdown(md, body.replace("poison bench", "poison bench --again"))
+    text = md.read_text()
+    assert text.count(bench.MARK_BEGIN) == 1 and "--again" in text and "hand-written text" in text
+
+
+def test_bench_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="recipes: unknown recipe 'Z'"):
+        bench.BenchConfig(recipes=("Z",))
+    with pytest.raises(ConfigError, match="archs: unknown classifier 'vgg'"):
+        bench.BenchConfig(archs=("vgg",))
+    with pytest.raises(ConfigError, match="split"):
+        bench.BenchConfig(split="train")
+
+
+def test_generator_config_applies_overrides_and_validates(tmp_path):
+    params = tiny_params(tmp_path)
+    g = bench.generator_config(params, {"objective": "align", "trials": 2}, "label_specific")
+    assert g.target == "label_specific" and g.objective == "align" and g.trials == 2
+    with pytest.raises(ConfigError, match="train_generator.trails: unknown key"):
+        bench.generator_config(params, {"trails": 2}, "untargeted")
+
+
+def test_cli_bench_writes_json_and_markdown(tmp_path):
+    import yaml
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(tmp_path / "unused")))
+    out, md = tmp_path / "s.json", tmp_path / "B.md"
+    rc = main(["bench", "--params", str(tmp_path / "params.yaml"), "--seeds", "0", "--recipes", "A",
+               "--archs", "test_cnn", "--eps-sweep", "0.3", "--no-sklearn", "--no-label-specific", "--split", "val",
+               "--workdir", str(tmp_path / "w"), "--out", str(out), "--markdown", str(md), "--threads", "1"])
+    assert rc == 0
+    assert set(json.loads(out.read_text())) == {"clean", "untargeted"}
+    assert "poison bench --params" in md.read_text()
+    assert main(["bench", "--params", str(tmp_path / "params.yaml"), "--untargeted", "{not json"]) == 1
