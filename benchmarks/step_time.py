@@ -1,6 +1,6 @@
 """Time one DeepConfuse unrolled generator step and one victim step on random data.
 
-Usage: python benchmarks/step_time.py [--generator unet16] [--threads 2] [--batch 64]
+Usage: python benchmarks/step_time.py [--generator unet16] [--objective unroll|align] [--threads 2] [--batch 64]
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generator", default="unet16")
     parser.add_argument("--surrogate", default="dc_cnn")
+    parser.add_argument("--objective", choices=["unroll", "align"], default="unroll")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    attack = DeepConfuse(DeepConfuseConfig(generator=args.generator, surrogate=args.surrogate, generator_lr=1e-3),
+    attack = DeepConfuse(DeepConfuseConfig(generator=args.generator, surrogate=args.surrogate, generator_lr=1e-3,
+                                           objective=args.objective),
                          1, 28, 10, seed=0, device=device)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 1, 28, 28, generator=gen).to(device)
@@ -56,7 +58,7 @@ def main() -> None:
     sync()
     victim_ms = (time.perf_counter() - t) / args.repeats * 1000
     print(f"{args.generator} on {device} ({args.threads} threads), batch {args.batch}: "
-          f"unrolled generator step {gen_ms:.1f} ms, victim step {victim_ms:.1f} ms")
+          f"{args.objective} generator step {gen_ms:.1f} ms, victim step {victim_ms:.1f} ms")
 
 
 if __name__ == "__main__":

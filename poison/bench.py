@@ -43,7 +43,8 @@ from poison.evaluate import classification_metrics, fit_classifier
 from poison.models import CLASSIFIERS
 from poison.shards import load_split, read_manifest
 from poison.train import TrainConfig, predict
-from poison.utils import atomic_write_json, canonical_json, git_revision, make_generator, resolve_device
+from poison.utils import (atomic_write_bytes, atomic_write_json, canonical_json, git_revision, make_generator,
+                          resolve_device)
 
 __all__ = ["RECIPES", "SKLEARN_MODELS", "BenchConfig", "run_strength", "render_markdown", "update_markdown",
            "generator_config"]
@@ -78,7 +79,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if not self.seeds:
-            raise ConfigError("seeds: expected at least one downstream seed")
+            raise ConfigError("seeds: expected at least one downstream seed, got none; pass e.g. --seeds 0 1 2")
         for r in self.recipes:
             if r not in RECIPES:
                 raise ConfigError(f"recipes: unknown recipe {r!r}; known: {', '.join(RECIPES)}")
@@ -89,7 +90,9 @@ class BenchConfig:
             if m not in SKLEARN_MODELS:
                 raise ConfigError(f"sklearn: unknown model {m!r}; known: {', '.join(SKLEARN_MODELS)}")
         if any(not 0 < e <= 1 for e in self.eps_sweep):
-            raise ConfigError(f"eps_sweep: expected values in (0, 1], got {list(self.eps_sweep)}")
+            raise ConfigError(f"eps_sweep: expected values in (0, 1] (L-inf on [0, 1] images), got {list(self.eps_sweep)}")
+        if self.probe_hidden < 1:
+            raise ConfigError(f"probe_hidden: expected an integer >= 1, got {self.probe_hidden}")
         if self.split not in ("val", "test"):
             raise ConfigError(f"split: expected 'val' (tuning) or 'test' (reporting), got {self.split!r}")
 
@@ -159,12 +162,10 @@ def _run_models(cfg: BenchConfig, data: _Data, x: torch.Tensor, y: torch.Tensor,
     return out
 
 
-def _diagnostics(cfg: BenchConfig, data: _Data, x_p: torch.Tensor, checkpoint: Path, eps: float,
-                 device: torch.device, models: dict[tuple[str, int], torch.nn.Module]) -> dict[str, Any]:
+def _diagnostics(cfg: BenchConfig, data: _Data, x_p: torch.Tensor, noise_te: torch.Tensor, eps: float,
+                 models: dict[tuple[str, int], torch.nn.Module]) -> dict[str, Any]:
     """Noise-only accuracy of the surrogate-architecture models; separability probes."""
-    gen, _ = stages.load_generator(checkpoint, device)
     noise_tr = perturbations(data.x_tr, x_p)
-    noise_te = perturbations(data.x_te, poison_images(gen, data.x_te, eps, device))
     noise_only = {f"{r}/{s}": {"train_noise": noise_only_accuracy(m, noise_tr, data.y_tr),
                                "test_noise": noise_only_accuracy(m, noise_te, data.y_te)}
                   for (r, s), m in models.items()}
@@ -188,6 +189,21 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
 
 
+#: Bump when the benchmark's fixed settings change (probe training, scikit-learn
+#: hyperparameters, what a job records): cached results of older versions are recomputed.
+BENCH_VERSION = 1
+
+
+def _check_clean(clean_dir: Path, params: Params) -> None:
+    """Raise unless the clean shards in ``clean_dir`` were made from ``params`` (data, seed)."""
+    m = read_manifest(clean_dir)
+    if m.get("config") != to_dict(params.data) or m.get("seed") != params.seed:
+        raise ConfigError(
+            f"workdir: {clean_dir} holds a clean split made from other data settings or seed than params.yaml "
+            f"(data {m.get('config')}, seed {m.get('seed')}); pass another --workdir or delete that folder"
+        )
+
+
 def run_strength(
     params: Params,
     workdir: str | Path,
@@ -197,51 +213,66 @@ def run_strength(
     only: tuple[str, ...] | None = None,
     fresh: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) the benchmark jobs; return {job name: result}.
+    """Run (or resume) the benchmark jobs; return {job name: result} for every finished job.
 
     ``untargeted`` / ``label_specific`` default to ``params.train_generator`` with the
-    target set accordingly. ``only`` restricts the jobs run now (cached ones are still
-    returned); ``fresh`` ignores cached job results.
+    target set accordingly. ``only`` restricts the jobs run now (finished ones are still
+    returned); ``fresh`` recomputes the jobs run now instead of reusing their results.
+    Each job works in its own folder named after its configuration's fingerprint, so
+    processes running different jobs or configurations in one workdir never share files.
     """
     workdir = Path(workdir)
     device = resolve_device(params.device)
     base = params.train_generator
     untargeted = untargeted or dataclasses.replace(base, target="untargeted", target_map=None)
     label_specific = label_specific or dataclasses.replace(base, target="label_specific", untargeted_loss="ce")
-    if untargeted.target != "untargeted" or label_specific.target != "label_specific":
-        raise ConfigError("bench: the untargeted config needs target: untargeted and the label-specific one "
-                          "target: label_specific")
+    if untargeted.target != "untargeted":
+        raise ConfigError(f"untargeted: expected a config with target: untargeted, got target: {untargeted.target}")
+    if label_specific.target != "label_specific":
+        raise ConfigError(f"label_specific: expected a config with target: label_specific, "
+                          f"got target: {label_specific.target}")
+    for g in (untargeted, label_specific) if cfg.label_specific else (untargeted,):
+        if g.surrogate not in cfg.archs:
+            raise ConfigError(f"archs: expected the surrogate {g.surrogate!r} among the classifiers (noise-only "
+                              f"accuracy and the eps sweep use it), got {list(cfg.archs)}; add it to --archs")
+    if cfg.sklearn:
+        _sklearn_model(cfg.sklearn[0], 0)  # fail before hours of training when scikit-learn is missing
+    revision = git_revision(Path(__file__).parent)
+    clean_dir = workdir / "clean"
     clean_params = dataclasses.replace(params, paths=PathsConfig(
-        clean=str(workdir / "clean"), generator=str(workdir / "clean-unused" / "g.pt"),
+        clean=str(clean_dir), generator=str(workdir / "clean-unused" / "g.pt"),
         poisoned=str(workdir / "clean-unused" / "p"), reports=str(workdir / "clean-unused" / "reports")))
-    common = {"data": to_dict(params.data), "seed": params.seed, "bench": to_dict(cfg)}
+    recipes = {r: to_dict(RECIPES[r]) for r in cfg.recipes}
+    common = {"version": BENCH_VERSION, "data": to_dict(params.data), "seed": params.seed, "split": cfg.split,
+              "seeds": list(cfg.seeds), "recipes": recipes}
 
     jobs: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = {}
     state: dict[str, Any] = {}
 
     def data() -> _Data:
         if "data" not in state:
-            if not (workdir / "clean" / "manifest.json").is_file():
+            if not (clean_dir / "manifest.json").is_file():
                 stages.prepare(clean_params)
-            state["data"] = _Data(workdir / "clean", cfg.split)
+            _check_clean(clean_dir, params)
+            state["data"] = _Data(clean_dir, cfg.split)
         return state["data"]
 
-    def poison_job(name: str, gcfg: DeepConfuseConfig, archs: tuple[str, ...], sklearn: bool,
-                   diagnostics: bool) -> Callable[[], dict[str, Any]]:
-        def run() -> dict[str, Any]:
+    def poison_job(gcfg: DeepConfuseConfig, archs: tuple[str, ...], sklearn: bool,
+                   diagnostics: bool) -> Callable[[Path], dict[str, Any]]:
+        def run(job_dir: Path) -> dict[str, Any]:
             d = data()
-            job_dir = workdir / name
             p = dataclasses.replace(params, train_generator=gcfg, paths=PathsConfig(
-                clean=str(workdir / "clean"), generator=str(job_dir / "generator.pt"),
+                clean=str(clean_dir), generator=str(job_dir / "generator.pt"),
                 poisoned=str(job_dir / "poisoned"), reports=str(job_dir / "reports")))
             trained = stages.train_generator(p)
             stages.poison(p)
             x_p, y_p, _ = load_split(job_dir / "poisoned", "train")
-            target_map = None
             tm = read_manifest(job_dir / "poisoned")["config"].get("target_map")
-            if tm is not None:
-                target_map = torch.tensor(tm, dtype=torch.long)
+            target_map = None if tm is None else torch.tensor(tm, dtype=torch.long)
             budget = int((x_p.to(torch.int16) - d.x_tr.to(torch.int16)).abs().max())
+            # The test split's perturbations, from this job's own generator, for noise-only accuracy.
+            gen, _ = stages.load_generator(job_dir / "generator.pt", device)
+            noise_te = perturbations(d.x_te, poison_images(gen, d.x_te, gcfg.eps, device))
             surrogate_models: dict[tuple[str, int], torch.nn.Module] = {}
 
             def keep(arch: str, recipe: str, seed: int, model: torch.nn.Module) -> None:
@@ -259,28 +290,31 @@ def run_strength(
                 "models": _run_models(sub, d, x_p, y_p, archs, device, target_map, keep),
             }
             if diagnostics:
-                result["diagnostics"] = _diagnostics(cfg, d, x_p, job_dir / "generator.pt", gcfg.eps, device,
-                                                     surrogate_models)
+                result["diagnostics"] = _diagnostics(cfg, d, x_p, noise_te, gcfg.eps, surrogate_models)
             return result
         return run
 
-    def clean_job() -> dict[str, Any]:
+    def clean_job(job_dir: Path) -> dict[str, Any]:
+        del job_dir
         d = data()
         return {"device": str(device), "models": _run_models(cfg, d, d.x_tr, d.y_tr, cfg.archs, device, None)}
 
-    jobs["clean"] = ({**common, "job": "clean"}, clean_job)
-    jobs["untargeted"] = ({**common, "job": "untargeted", "generator": to_dict(untargeted)},
-                          poison_job("untargeted", untargeted, cfg.archs, True, True))
+    full = {"archs": list(cfg.archs), "sklearn": list(cfg.sklearn)}
+    jobs["clean"] = ({**common, **full, "job": "clean"}, clean_job)
+    jobs["untargeted"] = ({**common, **full, "job": "untargeted", "generator": to_dict(untargeted),
+                           "probe_hidden": cfg.probe_hidden},
+                          poison_job(untargeted, cfg.archs, True, True))
     if cfg.label_specific:
-        jobs["label_specific"] = ({**common, "job": "label_specific", "generator": to_dict(label_specific)},
-                                  poison_job("label_specific", label_specific, cfg.archs, True, True))
+        jobs["label_specific"] = ({**common, **full, "job": "label_specific", "generator": to_dict(label_specific),
+                                   "probe_hidden": cfg.probe_hidden},
+                                  poison_job(label_specific, cfg.archs, True, True))
     for eps in cfg.eps_sweep:
         if abs(eps - untargeted.eps) < 1e-12:
             continue  # the untargeted job is this point of the sweep
         g = dataclasses.replace(untargeted, eps=eps)
         name = f"eps{eps:g}"
-        jobs[name] = ({**common, "job": name, "generator": to_dict(g)},
-                      poison_job(name, g, (untargeted.surrogate,), False, False))
+        jobs[name] = ({**common, "archs": [g.surrogate], "job": name, "generator": to_dict(g)},
+                      poison_job(g, (g.surrogate,), False, False))
     if only is not None:
         unknown = sorted(set(only) - set(jobs))
         if unknown:
@@ -288,22 +322,28 @@ def run_strength(
 
     results: dict[str, Any] = {}
     for name, (key, run) in jobs.items():
-        path = workdir / "jobs" / f"{name}.json"
         fp = _fingerprint(key)
-        if not fresh and path.is_file():
-            cached = json.loads(path.read_text())
-            if cached.get("fingerprint") == fp:
-                results[name] = cached
-                continue
-        if only is not None and name not in only:
+        path = workdir / "jobs" / f"{name}-{fp}.json"
+        selected = only is None or name in only
+        if path.is_file() and not (fresh and selected):
+            try:
+                results[name] = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}: not a readable job result ({exc}); delete it or pass --fresh") from None
             continue
-        log.info("bench: running job %s", name)
+        if not selected:
+            log.warning("bench: job %s has no result for this configuration yet (run it with --only %s)", name, name)
+            continue
+        log.info("bench: running job %s (%s)", name, fp)
         start = time.perf_counter()
-        res = run()
-        res.update(job=name, fingerprint=fp, key=key, git_revision=git_revision(),
+        res = run(workdir / f"{name}-{fp}")
+        res.update(job=name, fingerprint=fp, key=key, git_revision=revision,
                    job_seconds=round(time.perf_counter() - start, 1))
         atomic_write_json(path, res)
         results[name] = res
+    missing = [n for n in jobs if n not in results]
+    if missing:
+        results["_missing"] = missing
     return results
 
 
@@ -324,18 +364,26 @@ def _metric(runs: list[dict[str, Any]], key: str) -> list[float]:
 def render_markdown(results: dict[str, Any], command: str) -> str:
     """Return the Markdown tables of a benchmark run (figures in %, mean (min-max) over seeds)."""
     lines = [f"Command: `{command}`", ""]
+    missing = results.get("_missing", [])
+    results = {k: v for k, v in results.items() if not k.startswith("_")}
     any_job = next(iter(results.values()), None)
     if any_job is None:
         return "\n".join(lines + ["(no results)"])
-    bench = any_job["key"]["bench"]
-    recipes, split = bench["recipes"], bench["split"]
-    lines += [f"Downstream seeds {bench['seeds']}; scored on the clean **{split}** split; "
-              "figures are % (mean over seeds, min-max in brackets); revisions: "
-              + ", ".join(sorted({f"{n} {r.get('git_revision')}" for n, r in results.items()})), ""]
+    key = any_job["key"]
+    recipes, split = list(key["recipes"]), key["split"]
+    lines += [f"Downstream seeds {key['seeds']}; scored on the clean **{split}** split; figures are % "
+              "(mean over seeds, min-max in brackets); code revision "
+              + ", ".join(sorted({str(r.get("git_revision")) for r in results.values()})) + "."]
+    if split == "val":
+        lines.append("Tuning figures: the validation split also selects the generator, so they are optimistic.")
+    if missing:
+        lines.append(f"**Incomplete**: no result yet for job(s) {', '.join(missing)} (shown as -).")
+    lines.append("")
     clean, unt, ls = results.get("clean"), results.get("untargeted"), results.get("label_specific")
     names = list((unt or clean or ls or {"models": {}})["models"])
     header = "| classifier | recipe | clean data: accuracy | untargeted poison: accuracy | label-specific poison: accuracy / target rate |"
-    lines += ["**Clean test accuracy of classifiers trained on each dataset**", "", header, "|---|---|---|---|---|"]
+    lines += [f"**Accuracy on the clean {split} split of classifiers trained on each dataset**", "", header,
+              "|---|---|---|---|---|"]
     for arch in names:
         for rname in (recipes if arch not in SKLEARN_MODELS else ["pixels"]):
             def cell(res: dict[str, Any] | None, key: str = "accuracy") -> str:
@@ -382,20 +430,28 @@ def update_markdown(path: str | Path, body: str) -> None:
     path = Path(path)
     text = path.read_text() if path.is_file() else ""
     block = f"{MARK_BEGIN}\n{body.rstrip()}\n{MARK_END}"
-    if MARK_BEGIN in text and MARK_END in text:
+    has_begin, has_end = MARK_BEGIN in text, MARK_END in text
+    if has_begin != has_end:
+        raise ConfigError(f"markdown: {path} has only one of the generated-block markers; restore "
+                          f"{MARK_BEGIN!r} and {MARK_END!r} around the old block or remove both")
+    if has_begin:
         head, rest = text.split(MARK_BEGIN, 1)
         text = head + block + rest.split(MARK_END, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    from poison.utils import atomic_write_bytes
-
     atomic_write_bytes(path, text.encode())
 
 
-def generator_config(params: Params, overrides: dict[str, Any] | None, target: str) -> DeepConfuseConfig:
-    """Return params.train_generator with JSON ``overrides`` applied and ``target`` set (validated)."""
-    merged = to_dict(params.train_generator) | (overrides or {}) | {"target": target}
+def generator_config(params: Params, overrides: Any, target: str, flag: str) -> DeepConfuseConfig:
+    """Return params.train_generator with JSON ``overrides`` (from ``flag``) applied for ``target``, validated."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{flag}: expected a JSON object of train_generator keys, got {overrides!r}")
+    for k in ("target",) + (("target_map",) if target == "untargeted" else ()):
+        if k in overrides:
+            raise ConfigError(f"{flag}: {k!r} is set by the benchmark for this poison; remove it from the JSON")
+    merged = to_dict(params.train_generator) | {"target": target}
     if target == "untargeted":
         merged["target_map"] = None
-    return from_dict(DeepConfuseConfig, merged, "train_generator")
-
+    else:
+        merged["untargeted_loss"] = "ce"  # the label-specific loss is fixed by its target map
+    return from_dict(DeepConfuseConfig, merged | overrides, "train_generator")

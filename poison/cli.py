@@ -37,6 +37,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from poison.config import load_params
 
     params = load_params(args.params)
+    if args.threads < 0:
+        raise PoisonError(f"--threads: expected 0 (torch's default) or a positive count, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = bench.BenchConfig(
@@ -44,11 +46,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         sklearn=() if args.no_sklearn else bench.SKLEARN_MODELS, eps_sweep=tuple(args.eps_sweep),
         label_specific=not args.no_label_specific, split=args.split,
     )
-    try:
-        unt = bench.generator_config(params, json.loads(args.untargeted), "untargeted")
-        ls = bench.generator_config(params, json.loads(args.label_specific), "label_specific")
-    except json.JSONDecodeError as exc:
-        raise PoisonError(f"--untargeted / --label-specific: expected a JSON object of train_generator keys ({exc})")
+    def overrides(flag: str, text: str) -> object:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PoisonError(f"{flag}: expected a JSON object of train_generator keys, got {text!r} ({exc})") from None
+
+    unt = bench.generator_config(params, overrides("--untargeted", args.untargeted), "untargeted", "--untargeted")
+    ls = None
+    if not args.no_label_specific:
+        ls = bench.generator_config(params, overrides("--label-specific", args.label_specific), "label_specific",
+                                    "--label-specific")
     results = bench.run_strength(params, args.workdir, cfg, unt, ls,
                                  only=tuple(args.only) if args.only else None, fresh=args.fresh)
     out = Path(args.out)
@@ -60,7 +68,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.markdown:
         bench.update_markdown(args.markdown, body)
     print(body)
-    print(f"bench: {len(results)} job(s) in {out}" + (f", tables in {args.markdown}" if args.markdown else ""))
+    done = [k for k in results if not k.startswith("_")]
+    print(f"bench: {len(done)} job(s) in {out}" + (f", tables in {args.markdown}" if args.markdown else ""))
     return 0
 
 
@@ -176,7 +185,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     b.add_argument("--label-specific", default="{}", help="JSON overrides for the label-specific poison")
     b.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="downstream seeds")
     b.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(d.recipes))
-    b.add_argument("--archs", nargs="+", default=list(d.archs), help="neural classifiers (first: the surrogate's)")
+    b.add_argument("--archs", nargs="+", default=list(d.archs), help="neural classifiers (must include the generator's surrogate)")
     b.add_argument("--eps-sweep", type=float, nargs="+", default=list(d.eps_sweep))
     b.add_argument("--no-sklearn", action="store_true", help="skip the random forest and RBF SVM")
     b.add_argument("--no-label-specific", action="store_true")

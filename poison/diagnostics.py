@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poison.attacks.deepconfuse import budget_levels
 from poison.train import predict
 
 __all__ = ["perturbations", "noise_only_accuracy", "uniform_noise", "probe_accuracy"]
@@ -30,7 +31,8 @@ def perturbations(clean: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
         returns: (N, C, H, W) float32 in [-1, 1]
     """
     if clean.shape != poisoned.shape:
-        raise ValueError(f"poisoned: expected the shape of clean {tuple(clean.shape)}, got {tuple(poisoned.shape)}")
+        raise ValueError(f"poisoned: expected the shape of clean {tuple(clean.shape)}, got {tuple(poisoned.shape)}; "
+                         "pass the poison of exactly these clean images, in the same order")
     return (poisoned.float() - clean.float()) / 255.0
 
 
@@ -46,7 +48,7 @@ def noise_only_accuracy(model: nn.Module, noise: torch.Tensor, labels: torch.Ten
 
 def uniform_noise(shape: tuple[int, ...], eps: float, generator: torch.Generator) -> torch.Tensor:
     """Return i.i.d. noise uniform on the uint8 levels within ``eps`` (the probe's control)."""
-    levels = int(eps * 255 + 1e-9)
+    levels = budget_levels(eps)
     return torch.randint(-levels, levels + 1, shape, generator=generator).float() / 255.0
 
 

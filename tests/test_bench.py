@@ -29,7 +29,7 @@ def test_jobs_run_the_stages_and_stay_within_budget(tiny_run):
     for name in ("untargeted", "label_specific", "eps0.2"):
         r = results[name]
         assert r["within_budget"] and r["max_linf_stored"] <= r["generator_config"]["eps"] + 1e-12
-        assert (work / name / "poisoned" / "manifest.json").is_file()  # materialized as shards
+        assert (work / f"{name}-{r['fingerprint']}" / "poisoned" / "manifest.json").is_file()  # stored as shards
     assert results["eps0.2"]["generator_config"]["eps"] == 0.2
     assert set(results["untargeted"]["models"]) == {"test_cnn", "random_forest", "svm_rbf"}
     assert set(results["eps0.2"]["models"]) == {"test_cnn"}  # the sweep scores the surrogate only
@@ -51,13 +51,36 @@ def test_diagnostics_are_reported(tiny_run):
 def test_cached_jobs_are_reused_and_fresh_reruns(tiny_run, monkeypatch):
     params, work, results = tiny_run
     calls = []
-    monkeypatch.setattr(bench.stages, "train_generator", lambda p: calls.append(p) or pytest.fail("retrained"))
+    real = bench.stages.train_generator
+    monkeypatch.setattr(bench.stages, "train_generator", lambda p: calls.append(p) or real(p))
     again = bench.run_strength(params, work, CFG)
     assert again == json.loads(json.dumps(results)) and not calls
-    # A different configuration is a different job: not served from the cache.
+    # fresh recomputes only the jobs selected now, and keeps the others' results
+    rerun = bench.run_strength(params, work, CFG, only=("eps0.2",), fresh=True)
+    assert len(calls) == 1 and calls[0].train_generator.eps == 0.2
+    assert rerun["untargeted"] == again["untargeted"] and set(rerun) == set(again)
+    # another configuration is another job, in its own folder: not served from the cache
     other = bench.BenchConfig(**{**CFG.__dict__, "seeds": (1,)})
-    with pytest.raises(pytest.fail.Exception, match="retrained"):
-        bench.run_strength(params, work, other, only=("untargeted",))
+    partial = bench.run_strength(params, work, other, only=("eps0.2",))
+    assert len(calls) == 2 and partial["_missing"] == ["clean", "untargeted", "label_specific"]
+    assert partial["eps0.2"]["fingerprint"] != results["eps0.2"]["fingerprint"]
+    assert "**Incomplete**: no result yet for job(s) clean, untargeted, label_specific" in bench.render_markdown(partial, "x")
+
+
+def test_a_clean_split_made_from_other_settings_is_refused(tiny_run):
+    params, work, _ = tiny_run
+    import dataclasses
+
+    other = dataclasses.replace(params, seed=5)
+    with pytest.raises(ConfigError, match="workdir: .*clean split made from other data settings or seed"):
+        bench.run_strength(other, work, CFG, only=("clean",))
+
+
+def test_the_surrogate_must_be_benchmarked(tiny_run):
+    params, work, _ = tiny_run
+    cfg = bench.BenchConfig(**{**CFG.__dict__, "archs": ("mlp",)})
+    with pytest.raises(ConfigError, match="archs: expected the surrogate 'test_cnn'"):
+        bench.run_strength(params, work, cfg)
 
 
 def test_unknown_job_names_the_known_ones(tiny_run):
@@ -90,21 +113,29 @@ def test_bench_config_rejects_bad_values():
 
 def test_generator_config_applies_overrides_and_validates(tmp_path):
     params = tiny_params(tmp_path)
-    g = bench.generator_config(params, {"objective": "align", "trials": 2}, "label_specific")
+    g = bench.generator_config(params, {"objective": "align", "trials": 2}, "label_specific", "--label-specific")
     assert g.target == "label_specific" and g.objective == "align" and g.trials == 2
     with pytest.raises(ConfigError, match="train_generator.trails: unknown key"):
-        bench.generator_config(params, {"trails": 2}, "untargeted")
+        bench.generator_config(params, {"trails": 2}, "untargeted", "--untargeted")
+    with pytest.raises(ConfigError, match="--untargeted: 'target' is set by the benchmark"):
+        bench.generator_config(params, {"target": "label_specific"}, "untargeted", "--untargeted")
+    with pytest.raises(ConfigError, match="--label-specific: expected a JSON object"):
+        bench.generator_config(params, [1], "label_specific", "--label-specific")
 
 
-def test_cli_bench_writes_json_and_markdown(tmp_path):
+def test_cli_bench_writes_json_and_markdown(tmp_path, capsys):
     import yaml
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(tmp_path / "unused")))
     out, md = tmp_path / "s.json", tmp_path / "B.md"
-    rc = main(["bench", "--params", str(tmp_path / "params.yaml"), "--seeds", "0", "--recipes", "A",
-               "--archs", "test_cnn", "--eps-sweep", "0.3", "--no-sklearn", "--no-label-specific", "--split", "val",
-               "--workdir", str(tmp_path / "w"), "--out", str(out), "--markdown", str(md), "--threads", "1"])
+    common = ["--params", str(tmp_path / "params.yaml"), "--workdir", str(tmp_path / "w"), "--out", str(out),
+              "--markdown", str(md)]
+    rc = main(["bench", *common, "--seeds", "0", "--recipes", "A", "--archs", "test_cnn", "--eps-sweep", "0.3",
+               "--no-sklearn", "--no-label-specific", "--split", "val", "--threads", "1"])
     assert rc == 0
     assert set(json.loads(out.read_text())) == {"clean", "untargeted"}
     assert "poison bench --params" in md.read_text()
-    assert main(["bench", "--params", str(tmp_path / "params.yaml"), "--untargeted", "{not json"]) == 1
+    before = out.read_bytes()
+    assert main(["bench", *common, "--untargeted", "{not json"]) == 1
+    assert "--untargeted: expected a JSON object" in capsys.readouterr().err
+    assert out.read_bytes() == before  # a rejected run writes nothing

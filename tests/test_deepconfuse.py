@@ -374,3 +374,21 @@ def test_unknown_objective_is_rejected_by_the_config_loader():
 
     with pytest.raises(ConfigError, match="objective"):
         from_dict(DeepConfuseConfig, {"objective": "unrolled"}, "train_generator")
+
+
+def test_victim_reset_every_keeps_the_victim_between_resets(monkeypatch):
+    cfg = _tiny_config(trials=5, victim_reset_every=2, select_every=5)
+    attack = DeepConfuse(cfg, 1, 28, 10, seed=0)
+    built = []
+    real = attack._victim
+
+    def spy(trial, purpose):
+        if purpose == "surrogate":
+            built.append(trial)
+        return real(trial, purpose)
+
+    monkeypatch.setattr(attack, "_victim", spy)
+    x = (torch.rand(32, 1, 28, 28, generator=_gen(0)) * 255).to(torch.uint8)
+    y = torch.arange(32) % 10
+    attack.fit(x, y, x[:16], y[:16])
+    assert built == [0, 2, 4]  # fresh victims only at multiples of victim_reset_every

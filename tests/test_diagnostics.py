@@ -24,16 +24,16 @@ def test_uniform_noise_stays_on_the_budget_levels():
     assert torch.allclose(levels, levels.round()) and int(levels.abs().max()) == 25
 
 
-def _class_patterns(n: int, k: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    proto = torch.randn(k, 1, 4, 4, generator=g)
+def _class_patterns(n: int, k: int, seed: int, noise_seed: int):
+    proto = torch.randn(k, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
     y = torch.arange(n) % k
-    return proto[y] + 0.1 * torch.randn(n, 1, 4, 4, generator=g), y
+    return proto[y] + 0.1 * torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(noise_seed)), y
 
 
 def test_linear_probe_separates_class_patterns_and_not_noise():
-    x, y = _class_patterns(200, 5, 0)
-    x2, y2 = _class_patterns(100, 5, 0)
+    x, y = _class_patterns(200, 5, 0, noise_seed=1)
+    x2, y2 = _class_patterns(100, 5, 0, noise_seed=2)  # same classes, unseen samples
+    assert not any(torch.equal(a, b) for a in x2[:5] for b in x)
     assert probe_accuracy(x, y, x2, y2, num_classes=5, steps=100)["test_accuracy"] == 1.0
     noise = uniform_noise((200, 1, 4, 4), 0.3, torch.Generator().manual_seed(1))
     noise2 = uniform_noise((1000, 1, 4, 4), 0.3, torch.Generator().manual_seed(2))
@@ -42,7 +42,7 @@ def test_linear_probe_separates_class_patterns_and_not_noise():
 
 
 def test_probe_is_deterministic_for_a_seed():
-    x, y = _class_patterns(60, 3, 3)
+    x, y = _class_patterns(60, 3, 3, noise_seed=4)
     a = probe_accuracy(x, y, x, y, num_classes=3, hidden=4, steps=5, seed=7)
     assert a == probe_accuracy(x, y, x, y, num_classes=3, hidden=4, steps=5, seed=7)
 

@@ -13,7 +13,8 @@ trained on the poison x' = clip(x + eps * g(x), 0, 1). Per minibatch (authors' l
 4. an ordinary victim SGD step on the poison of the frozen generator copy.
 
 After each trial (``victim_epochs`` epochs) the trained generator is copied into the
-frozen one and the victim is re-initialised. Unlike the authors' code, the generator
+frozen one and the victim is re-initialised (every ``victim_reset_every`` trials;
+authors: every trial). Unlike the authors' code, the generator
 kept is the one whose poison, quantized to uint8 exactly as stored, does most harm
 to a victim trained on it as judged on the *validation* split (never the test split).
 
@@ -28,6 +29,10 @@ each a keyword of ``DeepConfuseConfig``:
   class whose features its poison should carry (Fowl et al., "Adversarial Examples
   Make Strong Poisons", NeurIPS 2021, arXiv 2106.10807).
 - ``victim_optimizer="adam"``: train the surrogate victim with Adam.
+- ``objective="align"``: the generator maximises the cosine between the poison's training
+  gradient and the target objective's gradient on clean data (see ``align_objective``)
+  instead of the authors' one-step unrolled loss.
+- ``victim_reset_every=N``: re-initialise the surrogate victim every N trials, not every trial.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class DeepConfuseConfig:
     objective: Literal["unroll", "align"] = "unroll"
     trials: int = 10
     victim_epochs: int = 1
+    victim_reset_every: int = 1
     batch_size: int = 64
     victim_optimizer: Literal["sgd", "adam"] = "sgd"
     victim_lr: float = 0.01
@@ -100,7 +106,7 @@ class DeepConfuseConfig:
             raise ConfigError(f"surrogate: unknown classifier {self.surrogate!r}; known: {', '.join(sorted(CLASSIFIERS))}")
         if not 0 < self.eps <= 1:
             raise ConfigError(f"eps: expected 0 < eps <= 1 (L-inf on images in [0, 1]), got {self.eps}")
-        for key in ("trials", "victim_epochs", "batch_size", "select_every"):
+        for key in ("trials", "victim_epochs", "victim_reset_every", "batch_size", "select_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
         if self.target == "untargeted" and self.target_map is not None:
@@ -275,6 +281,7 @@ def align_objective(victim: nn.Module, params: dict[str, torch.Tensor], buffers:
     arXiv 2009.02276; Fowl et al., arXiv 2103.02683) drops the scale: a victim step on the
     poison should move theta as a step on ``loss`` over the clean batch would (for a
     label-specific target, as training on clean images relabelled t(y)). ``lr`` is unused.
+    ``buffers`` (BatchNorm statistics) are updated in place by the poison pass: pass copies.
 
     Shape:
         x, x_p: (N, C, H, W) in [0, 1]; y: (N,) int64; returns a scalar in [0, 2]
@@ -286,9 +293,10 @@ def align_objective(victim: nn.Module, params: dict[str, torch.Tensor], buffers:
     inner = F.cross_entropy(functional_call(victim, (params, buffers), (x_p,)), y)
     g_poison = torch.autograd.grad(inner, [params[k] for k in names], create_graph=True)
     dot = sum((gp * gt).sum() for gp, gt in zip(g_poison, g_target))
-    norm_p = torch.sqrt(sum((gp * gp).sum() for gp in g_poison))
-    norm_t = torch.sqrt(sum((gt * gt).sum() for gt in g_target))
-    return 1.0 - dot / (norm_p * norm_t + 1e-12)
+    # clamp inside the sqrt: its gradient at an exactly-zero norm would be infinite
+    norm_p = torch.sqrt(sum((gp * gp).sum() for gp in g_poison).clamp_min(1e-24))
+    norm_t = torch.sqrt(sum((gt * gt).sum() for gt in g_target).clamp_min(1e-24))
+    return 1.0 - dot / (norm_p * norm_t)
 
 
 #: The generator's outer objective, by the name ``DeepConfuseConfig.objective`` gives.
@@ -394,11 +402,14 @@ class DeepConfuse:
         step = 0
         for trial in range(cfg.trials):
             start = time.perf_counter()
-            victim = self._victim(trial, "surrogate").train()
-            if cfg.victim_optimizer == "adam":
-                opt_v: torch.optim.Optimizer = torch.optim.Adam(victim.parameters(), lr=cfg.victim_lr)
-            else:
-                opt_v = torch.optim.SGD(victim.parameters(), lr=cfg.victim_lr)
+            if trial % cfg.victim_reset_every == 0:
+                # The authors start a fresh victim every trial; keeping one for several trials
+                # also shows the generator victims trained as long as many-epoch downstream recipes.
+                victim = self._victim(trial, "surrogate").train()
+                if cfg.victim_optimizer == "adam":
+                    opt_v: torch.optim.Optimizer = torch.optim.Adam(victim.parameters(), lr=cfg.victim_lr)
+                else:
+                    opt_v = torch.optim.SGD(victim.parameters(), lr=cfg.victim_lr)
             if cfg.generator_lr_schedule == "cosine":
                 # Decay over trials so the generator settles instead of oscillating late.
                 for group in opt_g.param_groups:
