@@ -374,11 +374,11 @@ def render_markdown(results: dict[str, Any], command: str) -> str:
     lines += [f"Downstream seeds {key['seeds']}; scored on the clean **{split}** split; figures are % "
               "(mean over seeds, min-max in brackets); code revision "
               + ", ".join(sorted({str(r.get("git_revision")) for r in results.values()})) + "."]
-    if split == "val":
-        lines.append("Tuning figures: the validation split also selects the generator, so they are optimistic.")
-    if missing:
-        lines.append(f"**Incomplete**: no result yet for job(s) {', '.join(missing)} (shown as -).")
     lines.append("")
+    if split == "val":
+        lines += ["Tuning figures: the validation split also selects the generator, so they are optimistic.", ""]
+    if missing:
+        lines += [f"**Incomplete**: no result yet for job(s) {', '.join(missing)} (shown as -).", ""]
     clean, unt, ls = results.get("clean"), results.get("untargeted"), results.get("label_specific")
     names = list((unt or clean or ls or {"models": {}})["models"])
     header = "| classifier | recipe | clean data: accuracy | untargeted poison: accuracy | label-specific poison: accuracy / target rate |"
