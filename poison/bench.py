@@ -40,7 +40,7 @@ from poison.config import Params, PathsConfig, from_dict, to_dict
 from poison.diagnostics import noise_only_accuracy, perturbations, probe_accuracy, uniform_noise
 from poison.errors import ConfigError
 from poison.evaluate import classification_metrics, fit_classifier
-from poison.models import CLASSIFIERS
+from poison.models import check_classifiers
 from poison.shards import load_split, read_manifest
 from poison.train import TrainConfig, predict
 from poison.utils import (atomic_write_bytes, atomic_write_json, canonical_json, git_revision, make_generator,
@@ -83,9 +83,7 @@ class BenchConfig:
         for r in self.recipes:
             if r not in RECIPES:
                 raise ConfigError(f"recipes: unknown recipe {r!r}; known: {', '.join(RECIPES)}")
-        for a in self.archs:
-            if a not in CLASSIFIERS:
-                raise ConfigError(f"archs: unknown classifier {a!r}; known: {', '.join(sorted(CLASSIFIERS))}")
+        check_classifiers(self.archs, "archs")
         for m in self.sklearn:
             if m not in SKLEARN_MODELS:
                 raise ConfigError(f"sklearn: unknown model {m!r}; known: {', '.join(SKLEARN_MODELS)}")

@@ -35,6 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from poison import bench
     from poison.config import load_params
+    from poison.utils import atomic_write_json
 
     params = load_params(args.params)
     if args.threads < 0:
@@ -46,6 +47,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         sklearn=() if args.no_sklearn else bench.SKLEARN_MODELS, eps_sweep=tuple(args.eps_sweep),
         label_specific=not args.no_label_specific, split=args.split,
     )
+
     def overrides(flag: str, text: str) -> object:
         try:
             return json.loads(text)
@@ -60,8 +62,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     results = bench.run_strength(params, args.workdir, cfg, unt, ls,
                                  only=tuple(args.only) if args.only else None, fresh=args.fresh)
     out = Path(args.out)
-    from poison.utils import atomic_write_json
-
     atomic_write_json(out, results)
     command = "poison bench " + " ".join(args.argv_echo)
     body = bench.render_markdown(results, command.strip())

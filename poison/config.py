@@ -19,7 +19,7 @@ import yaml
 from poison.attacks.deepconfuse import DeepConfuseConfig
 from poison.data import SOURCES
 from poison.errors import ConfigError
-from poison.models import CLASSIFIERS
+from poison.models import check_classifiers
 from poison.train import TrainConfig
 
 __all__ = ["DataConfig", "PoisonConfig", "EvaluateConfig", "PathsConfig", "Params", "load_params", "from_dict", "to_dict"]
@@ -74,11 +74,7 @@ class EvaluateConfig:
     recipe: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if not self.archs:
-            raise ConfigError("archs: expected at least one classifier name")
-        for arch in self.archs:
-            if arch not in CLASSIFIERS:
-                raise ConfigError(f"archs: unknown classifier {arch!r}; known: {', '.join(sorted(CLASSIFIERS))}")
+        check_classifiers(self.archs, "archs")
         if not self.seeds:
             raise ConfigError("seeds: expected at least one integer seed")
 

@@ -15,7 +15,7 @@ from poison.errors import ConfigError
 from poison.models.classifiers import DCCNN, MLP, ResNet
 from poison.models.generators import DCAutoencoder, UNet
 
-__all__ = ["CLASSIFIERS", "GENERATORS", "create_classifier", "create_generator", "MIN_IMAGE_SIZE"]
+__all__ = ["CLASSIFIERS", "GENERATORS", "create_classifier", "create_generator", "check_classifiers", "MIN_IMAGE_SIZE"]
 
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "dc_cnn": DCCNN,
@@ -54,6 +54,15 @@ def _check(kind: str, registry: dict[str, Callable[..., nn.Module]], name: str, 
             f"{key}: {name!r} needs images of at least {MIN_IMAGE_SIZE[name]} pixels, got {image_size}; "
             "choose another model or larger images"
         )
+
+
+def check_classifiers(names: tuple[str, ...], key: str) -> None:
+    """Raise a ``ConfigError`` naming ``key`` unless ``names`` is a non-empty list of known classifiers."""
+    if not names:
+        raise ConfigError(f"{key}: expected at least one classifier name")
+    for name in names:
+        if name not in CLASSIFIERS:
+            raise ConfigError(f"{key}: unknown classifier {name!r}; known: {', '.join(sorted(CLASSIFIERS))}")
 
 
 def create_classifier(name: str, in_channels: int, image_size: int, num_classes: int,
