@@ -2,7 +2,8 @@
 
     poison run [--params params.yaml] [--stages prepare train_generator poison evaluate]
     poison inspect DIR [--clean DIR] [--out grid.png]
-    poison verify DIR
+    poison verify DIR|URL
+    poison publish [DIR ...] [--to PREFIX] [--version V] [--no-push] [--remote NAME]
     poison bench [--params params.yaml] [--untargeted JSON] [--label-specific JSON] [--only JOB ...]
 """
 
@@ -29,6 +30,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for name in args.stages:
         result = stages.STAGES[name](params)
         print(f"{name}: {json.dumps(result, default=str)}")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from poison import publish as pub
+    from poison.config import load_params
+
+    params = load_params(args.params)
+    if not args.dirs:
+        result = pub.publish(params, push=False if args.no_push else None, prefix=args.prefix,
+                             version=args.version, remote=args.remote, endpoint_url=args.endpoint_url)
+    else:
+        push = params.publish.dvc_push and not args.no_push
+        if not push and not args.prefix:
+            raise PoisonError("publish: nothing to do: give --to PREFIX, or leave dvc push on")
+        for d in args.dirs:
+            problems = pub.verify_dataset(d)
+            if problems:
+                raise pub.PublishError(f"{d}: not published, {len(problems)} shard(s) fail verification:\n  "
+                                       + "\n  ".join(problems))
+        result = {"dvc_push": None, "datasets": {}}
+        if push:
+            pub.dvc_push(".", remote=args.remote or params.publish.remote, targets=args.dirs)
+            result["dvc_push"] = {"remote": args.remote or params.publish.remote or "default", "targets": args.dirs}
+        if args.prefix:
+            metrics = pub.evaluate_metrics(params)
+            for d in args.dirs:
+                result["datasets"][d] = pub.publish_dataset(
+                    d, args.prefix, version=args.version or params.publish.version,
+                    endpoint_url=args.endpoint_url or params.publish.endpoint_url, metrics=metrics,
+                    repo_path=None if Path(d).is_absolute() else Path(d).as_posix())
+    if result["dvc_push"]:
+        print(f"publish: dvc push to the {result['dvc_push']['remote']} remote: done")
+    for name, r in result["datasets"].items():
+        state = "published" if r["published"] else "already published (identical)"
+        print(f"publish: {name}: {state} at {r['url']} ({r['samples']} samples, {len(r['files'])} files)")
     return 0
 
 
@@ -74,16 +111,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from poison.loader import verify_location
     from poison.shards import read_manifest, verify_dataset
 
-    problems = verify_dataset(args.dir)
+    if "://" in args.dir and not args.dir.startswith("file://"):
+        m, problems = verify_location(args.dir, endpoint_url=args.endpoint_url)
+        where = args.dir.rstrip("/") + "/manifest.json"
+    else:
+        problems = verify_dataset(args.dir)
+        where = str(Path(args.dir) / "manifest.json")
     if problems:
         for p in problems:
             print(f"BAD {p}", file=sys.stderr)
         print(f"verify: {len(problems)} bad shard(s) in {args.dir}", file=sys.stderr)
         return 1
-    m = read_manifest(args.dir)
-    print(f"verify: OK, {len(m['shards'])} shard(s), {m['totals']['samples']} samples match {Path(args.dir) / 'manifest.json'}")
+    if "://" not in args.dir or args.dir.startswith("file://"):
+        m = read_manifest(args.dir)
+    print(f"verify: OK, {len(m['shards'])} shard(s), {m['totals']['samples']} samples match {where}")
     return 0
 
 
@@ -168,8 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--out", help="PNG path (default: ./<dataset>-inspect.png)")
     ins.set_defaults(func=_cmd_inspect)
     ver = sub.add_parser("verify", help="check every shard's sha256 against the manifest")
-    ver.add_argument("dir")
+    ver.add_argument("dir", help="dataset folder, or an http(s):// or s3:// prefix")
+    ver.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
     ver.set_defaults(func=_cmd_verify)
+    pub = sub.add_parser("publish", help="verify datasets, dvc push them and/or copy them to a readable prefix")
+    pub.add_argument("dirs", nargs="*", help="dataset folders (default: the publish section's datasets)")
+    pub.add_argument("--params", default="params.yaml")
+    pub.add_argument("--to", dest="prefix", help="readable prefix: a folder or s3://bucket/prefix (default: publish.prefix)")
+    pub.add_argument("--version", help="<prefix>/<dataset>/<version>/ (default: manifest sha256, 12 hex digits)")
+    pub.add_argument("--no-push", action="store_true", help="skip dvc push")
+    pub.add_argument("--remote", help="DVC remote name (default: publish.remote, else the default remote)")
+    pub.add_argument("--endpoint-url", help="S3-compatible endpoint of the prefix")
+    pub.set_defaults(func=_cmd_publish)
     add_bench_parser(sub)
     return parser
 

@@ -22,7 +22,7 @@ from poison.errors import ConfigError
 from poison.models import check_classifiers
 from poison.train import TrainConfig
 
-__all__ = ["DataConfig", "PoisonConfig", "EvaluateConfig", "PathsConfig", "Params", "load_params", "from_dict", "to_dict"]
+__all__ = ["DataConfig", "PoisonConfig", "EvaluateConfig", "PathsConfig", "PublishConfig", "Params", "load_params", "from_dict", "to_dict"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,33 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    """The ``publish`` section (opt-in flow ``publish`` / ``poison publish``): where datasets go."""
+
+    datasets: tuple[str, ...] = ("poisoned",)  # names of paths.* datasets: clean, poisoned
+    dvc_push: bool = True          # `dvc push` to the DVC remote (.dvc/config: a local folder by default)
+    remote: str | None = None      # DVC remote name; None = the project's default remote
+    prefix: str | None = None      # also copy to a readable prefix: a folder or s3://bucket/prefix
+    version: str | None = None     # <prefix>/<dataset>/<version>/; None = manifest sha256, 12 hex digits
+    endpoint_url: str | None = None  # S3-compatible endpoint for prefix (None: AWS_ENDPOINT_URL or AWS)
+
+    def __post_init__(self) -> None:
+        allowed = ("clean", "poisoned")
+        bad = [d for d in self.datasets if d not in allowed]
+        if bad or not self.datasets or len(set(self.datasets)) != len(self.datasets):
+            raise ConfigError(f"datasets: expected distinct names from {list(allowed)}, got {list(self.datasets)}")
+        if self.version is not None:
+            import re
+
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", self.version):
+                raise ConfigError(f"version: expected letters, digits, '.', '_' or '-' (at most 64), got {self.version!r}")
+        if self.prefix is not None and not self.prefix:
+            raise ConfigError("prefix: expected a folder or s3://bucket/prefix, or null for none")
+        if not self.dvc_push and self.prefix is None:
+            raise ConfigError("dvc_push/prefix: with dvc_push false a prefix is needed, else publish does nothing")
+
+
+@dataclass(frozen=True)
 class PathsConfig:
     """The ``paths`` section: where each stage reads and writes (relative to the repo root)."""
 
@@ -115,6 +142,7 @@ class Params:
     poison: PoisonConfig = field(default_factory=PoisonConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     def __post_init__(self) -> None:
         if self.seed < 0:

@@ -15,6 +15,7 @@ that looks complete. Readers accept only png/cls/json/txt/npy members and never 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -41,6 +42,8 @@ __all__ = [
     "write_dataset",
     "write_shard",
     "read_manifest",
+    "parse_manifest",
+    "shard_name",
     "manifest_sha256",
     "verify_dataset",
     "iter_samples",
@@ -225,7 +228,8 @@ def write_dataset(
                        "bytes": sum(r["bytes"] for r in records)},
         }
         (staging / "manifest.json").write_text(canonical_json(manifest))
-        (staging / "README.md").write_text(dataset_card(manifest, metrics))
+        repo_path = out.as_posix() if not out.is_absolute() else None
+        (staging / "README.md").write_text(dataset_card(manifest, metrics, repo_path=repo_path))
         _swap_in(staging, out)
     finally:
         if staging.exists():
@@ -265,20 +269,25 @@ def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: no manifest; this folder is not a complete dataset (run the stage that "
             "writes it, e.g. `dvc repro`, or `dvc pull` it)"
         )
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(data: bytes | str, where: str) -> dict[str, Any]:
+    """Return a manifest parsed from ``data`` (read from ``where``), checked for schema and keys."""
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ShardError(f"{path}: not valid JSON ({exc}); regenerate the dataset") from exc
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardError(f"{where}: not valid JSON ({exc}); regenerate or re-fetch the dataset") from exc
     if not isinstance(manifest, dict):
-        raise ShardError(f"{path}: expected a JSON object; regenerate the dataset")
+        raise ShardError(f"{where}: expected a JSON object; regenerate or re-fetch the dataset")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ShardError(
-            f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}; "
+            f"{where}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}; "
             "regenerate it with this version of poison"
         )
     missing = sorted({"dataset", "kind", "image", "classes", "splits", "shards", "seed", "package"} - set(manifest))
     if missing:
-        raise ShardError(f"{path}: missing keys {missing}; the manifest is incomplete: regenerate the dataset")
+        raise ShardError(f"{where}: missing keys {missing}; the manifest is incomplete: regenerate the dataset")
     return manifest
 
 
@@ -310,8 +319,8 @@ def verify_dataset(dataset_dir: str | os.PathLike[str]) -> list[str]:
 _SHARD_NAME = re.compile(r"^([a-z0-9]+)-(\d{6})\.tar$")
 
 
-def _shard_path(base: Path, rec: dict[str, Any]) -> Path:
-    """Return the path of a manifest's shard record, refusing names that are not plain shard files.
+def shard_name(rec: dict[str, Any], where: str) -> str:
+    """Return the file name of a manifest's shard record, refusing names that are not plain shard files.
 
     The manifest is as untrusted as the shards: a name such as ``pipe:cmd`` or ``../x``
     must never reach a URL opener or leave the dataset folder.
@@ -320,36 +329,36 @@ def _shard_path(base: Path, rec: dict[str, Any]) -> Path:
     match = _SHARD_NAME.match(name) if isinstance(name, str) else None
     if match is None or match.group(1) != rec.get("split"):
         raise ShardError(
-            f"{base / 'manifest.json'}: shard entry {rec!r} is not a plain '<split>-NNNNNN.tar' file name "
+            f"{where}: shard entry {rec!r} is not a plain '<split>-NNNNNN.tar' file name "
             "of its split; the manifest is corrupt or tampered with: regenerate or re-fetch the dataset"
         )
-    return base / name
+    return name
 
 
-def _check_shard(base: Path, rec: dict[str, Any]) -> None:
-    path = _shard_path(base, rec)
-    if not path.is_file() or sha256_file(path) != rec["sha256"]:
-        raise ShardError(
-            f"{path}: missing or sha256 differs from the manifest; the shard is corrupt or "
-            "tampered with: regenerate or re-fetch the dataset (`poison verify` lists every bad shard)"
-        )
+def _shard_path(base: Path, rec: dict[str, Any]) -> Path:
+    return base / shard_name(rec, str(base / "manifest.json"))
 
 
-def _tar_samples(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield WebDataset-style samples ({"__key__", ext: bytes}) of a local tar, in order.
+def _tar_samples(source: Path | bytes, where: str | None = None) -> Iterator[dict[str, Any]]:
+    """Yield WebDataset-style samples ({"__key__", ext: bytes}) of a tar file or tar bytes, in order.
 
     Members are grouped by key (the name up to its first dot), as WebDataset does; only
     regular files are read and nothing is ever extracted to disk.
     """
+    where = where or str(source)
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        if isinstance(source, (bytes, bytearray)):
+            tar = tarfile.open(fileobj=io.BytesIO(source), mode="r:")
+        else:
+            tar = tarfile.open(source, mode="r:")
+        with tar:
             current: dict[str, Any] | None = None
             for info in tar:
                 if not info.isfile():
-                    raise ShardError(f"{path}: member {info.name!r} is not a regular file; refusing this shard")
+                    raise ShardError(f"{where}: member {info.name!r} is not a regular file; refusing this shard")
                 name = info.name
                 if "/" in name or "." not in name:
-                    raise ShardError(f"{path}: member name {name!r} is not '<key>.<ext>'; refusing this shard")
+                    raise ShardError(f"{where}: member name {name!r} is not '<key>.<ext>'; refusing this shard")
                 key, ext = name.split(".", 1)
                 if current is None or current["__key__"] != key:
                     if current is not None:
@@ -360,7 +369,7 @@ def _tar_samples(path: Path) -> Iterator[dict[str, Any]]:
             if current is not None:
                 yield current
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardError(f"{path}: unreadable tar ({exc}); the shard is truncated or corrupt: regenerate or re-fetch it") from exc
+        raise ShardError(f"{where}: unreadable tar ({exc}); the shard is truncated or corrupt: regenerate or re-fetch it") from exc
 
 
 def _decode(sample: dict[str, Any], url: str) -> dict[str, Any]:
@@ -413,20 +422,43 @@ def iter_samples(dataset_dir: str | os.PathLike[str], split: str, verify: bool =
     if not records and split not in manifest["splits"]:
         raise ShardError(f"{base}: no split {split!r}; it has {sorted(manifest['splits'])}")
     for rec in records:
-        if verify:
-            _check_shard(base, rec)
         path = _shard_path(base, rec)
         url = str(path)
-        count = 0
-        for raw in _tar_samples(path):
-            count += 1
-            sample = _decode(raw, url)
-            if tuple(sample["image"].shape) != shape:
-                raise ShardError(f"{url}: sample {sample['key']!r} has shape {tuple(sample['image'].shape)}, "
-                                 f"the manifest says {shape}; the dataset is inconsistent")
-            yield sample
-        if count != rec["samples"]:
-            raise ShardError(f"{url}: {count} samples, manifest says {rec['samples']}; the shard is damaged")
+        if verify:
+            # read once, check, then parse the same bytes: the file cannot change in between
+            try:
+                data: Path | bytes = path.read_bytes()
+            except OSError:
+                data = b""
+            check_shard_bytes(data, rec, url)
+        else:
+            data = path
+        yield from _checked_samples(_tar_samples(data, url), rec, url, shape)
+
+
+def check_shard_bytes(data: bytes, rec: dict[str, Any], url: str) -> None:
+    """Raise ``ShardError`` naming ``url`` unless ``data`` has the manifest record's size and sha256."""
+    if len(data) != rec.get("bytes") or hashlib.sha256(data).hexdigest() != rec.get("sha256"):
+        raise ShardError(
+            f"{url}: missing, truncated or sha256 differs from the manifest ({len(data)} bytes, manifest says "
+            f"{rec.get('bytes')}); the shard is corrupt or tampered with: regenerate or re-fetch the dataset "
+            "(`poison verify` lists every bad shard)"
+        )
+
+
+def _checked_samples(raw_samples: Iterator[dict[str, Any]], rec: dict[str, Any], url: str,
+                     shape: tuple[int, int, int]) -> Iterator[dict[str, Any]]:
+    """Decode a shard's raw samples, checking each image's shape and the shard's sample count."""
+    count = 0
+    for raw in raw_samples:
+        count += 1
+        sample = _decode(raw, url)
+        if tuple(sample["image"].shape) != shape:
+            raise ShardError(f"{url}: sample {sample['key']!r} has shape {tuple(sample['image'].shape)}, "
+                             f"the manifest says {shape}; the dataset is inconsistent")
+        yield sample
+    if count != rec["samples"]:
+        raise ShardError(f"{url}: {count} samples, manifest says {rec['samples']}; the shard is damaged")
 
 
 def load_split(dataset_dir: str | os.PathLike[str], split: str, verify: bool = True
@@ -444,8 +476,12 @@ def load_split(dataset_dir: str | os.PathLike[str], split: str, verify: bool = T
 
 
 # ------------------------------------------------------------------------- card
-def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
-    """Return the README.md card of a dataset from its manifest (and metrics if evaluated)."""
+def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None,
+                 repo_path: str | None = None) -> str:
+    """Return the README.md card of a dataset from its manifest (and metrics if evaluated).
+
+    ``repo_path`` is the dataset's path in its DVC project (for the ``dvc import`` recipe).
+    """
     kind = manifest["kind"]
     lines = []
     if kind == "poisoned":
@@ -459,6 +495,7 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
     first = "train" if "train" in manifest["splits"] else next(iter(manifest["splits"]), "train")
     count = sum(1 for r in manifest["shards"] if r["split"] == first)
     urls = f"{first}-{{000000..{max(count - 1, 0):06d}}}.tar"
+    dvc_path = repo_path or f"data/shards/{manifest['dataset']}"
     lines += [
         "## How it was made",
         f"- kind: `{kind}`; method: `{manifest.get('method') or 'none (clean copy of the source)'}`",
@@ -473,21 +510,32 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
         "The full method configuration is in `manifest.json` (`config`).",
         "",
         "## How to load it",
+        "Three ways; each checks every shard's sha256 against `manifest.json` before using it.",
+        "",
+        "1. Python, from this folder, a published prefix (`https://...`, `s3://...`) or a DVC project:",
         "```python",
-        "from poison.shards import load_split, verify_dataset",
-        "assert not verify_dataset('.')            # sha256 of every shard against the manifest",
-        f"images, labels, meta = load_split('.', '{first}')",
+        "from poison import open_dataset",
+        f"ds = open_dataset('.', split='{first}')          # iterable of (image float [0,1] CxHxW, label)",
+        f"ds = open_dataset('s3://<bucket>/<prefix>/{manifest['dataset']}/<version>')",
+        f"ds = open_dataset('{dvc_path}', repo='<git URL of the producing project>', rev='<tag or commit>')",
+        *([f"ds = open_dataset('.', ratio=0.5, clean='{src.get('path') or '<the clean source dataset>'}')"
+           "  # partial poisoning"] if kind != "clean" else []),
         "```",
-        "or with WebDataset directly (members: `png`, `cls`, `json`). Do not use `.decode()`: its "
-        "default decoders unpickle `.pyd`/`.pkl` and `torch.load` `.pth` members of a tampered shard.",
+        "2. WebDataset, from a prefix that `poison publish --to` copied it to (members: `png`, `cls`, `json`; "
+        "a `wids` index per split is published as `<split>.wids.json`). Do not use `.decode()`: its default "
+        "decoders unpickle `.pyd`/`.pkl` and `torch.load` `.pth` members of a tampered shard.",
         "```python",
         "import io, webdataset as wds",
         "from PIL import Image",
-        f"ds = (wds.WebDataset('{urls}', shardshuffle=False)",
+        f"ds = (wds.WebDataset('<prefix>/{manifest['dataset']}/<version>/{urls}', shardshuffle=False)",
         "      .to_tuple('png', 'cls')",
         "      .map_tuple(lambda b: Image.open(io.BytesIO(b)), lambda b: int(b)))",
         "```",
-        "or from the command line: `poison verify .` and `poison inspect .`.",
+        "3. DVC, into another project (then load the folder with 1.):",
+        "```bash",
+        f"dvc import <git URL of the producing project> {dvc_path} --rev <tag or commit>",
+        "```",
+        "From the command line: `poison verify .` and `poison inspect .`.",
         "",
         "## Licence",
         f"Derived from the source dataset `{src.get('dataset', manifest['dataset'])}`; the source dataset's "

@@ -232,6 +232,10 @@ def evaluate(params: Params) -> dict[str, Any]:
         "recipe": to_dict(params.evaluate.recipe),
         "seeds": list(params.evaluate.seeds),
         "test_samples": int(y_te.numel()),
+        # which datasets these numbers describe (publish attaches them only to these)
+        "datasets": {"clean": {"path": params.paths.clean, "manifest_sha256": manifest_sha256(params.paths.clean)},
+                     "poisoned": {"path": params.paths.poisoned,
+                                  "manifest_sha256": manifest_sha256(params.paths.poisoned)}},
     }
     reports = _reports(params, "evaluate")
     for kind, (xs, ys) in {"clean": (x_tr, y_tr), "poisoned": (x_p, y_p)}.items():

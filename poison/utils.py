@@ -23,6 +23,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_path",
     "sha256_file",
+    "sha256_bytes",
     "git_revision",
     "canonical_json",
 ]
@@ -107,6 +108,11 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Return the hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def git_revision(cwd: str | os.PathLike[str] | None = None) -> str | None:

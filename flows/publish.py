@@ -1,0 +1,82 @@
+"""Flow ``publish`` (opt-in, not a DVC stage): verify, ``dvc push``, copy to a readable prefix.
+
+Not part of ``dvc repro``: a push belongs after the pipeline has finished and dvc.lock is
+written (the ``regenerate`` flow runs it after ``dvc repro``). What is published, where,
+comes from params.yaml's ``publish`` section; a run only chooses whether to push.
+
+    python -m flows.publish [--params params.yaml] [--no-push]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from poison.config import Params, load_params
+from poison.errors import PoisonError
+from poison.publish import PublishError, dvc_push, evaluate_metrics, publish_dataset, verify_all
+from flows.common import load_params_task
+
+
+@task(name="verify-datasets")
+def verify(params: Params) -> dict[str, str]:
+    """Every dataset to publish, checked shard by shard; any problem stops the flow before a push."""
+    return verify_all(params)
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=10)
+def push(remote: str | None) -> str:
+    return dvc_push(".", remote=remote)
+
+
+@task(name="copy-to-prefix", retries=2, retry_delay_seconds=10)
+def copy(path: str, params: Params) -> dict[str, Any]:
+    cfg = params.publish
+    return publish_dataset(path, cfg.prefix, version=cfg.version, endpoint_url=cfg.endpoint_url,
+                           metrics=evaluate_metrics(params), repo_path=Path(path).as_posix())
+
+
+@flow(name="publish")
+def publish(params_path: str = "params.yaml", push_to_dvc: bool | None = None) -> dict[str, Any]:
+    """Verify the datasets, push them with DVC and copy them to ``publish.prefix`` (if set)."""
+    params = load_params_task(params_path)
+    dirs = verify(params)
+    cfg = params.publish
+    do_push = cfg.dvc_push if push_to_dvc is None else push_to_dvc
+    if not do_push and not cfg.prefix:
+        raise PublishError("publish: nothing to do: dvc push is off and publish.prefix is null in params.yaml")
+    out: dict[str, Any] = {"dvc_push": None, "datasets": {}}
+    if do_push:
+        push(cfg.remote)
+        out["dvc_push"] = {"remote": cfg.remote or "default"}
+    if cfg.prefix:
+        for name, path in dirs.items():
+            out["datasets"][name] = copy(path, params)
+    lines = ["# Published", "", f"- dvc push: {out['dvc_push'] or 'skipped'}"]
+    lines += [f"- {name}: `{r['url']}` ({r['samples']} samples, {'new' if r['published'] else 'already there'})"
+              for name, r in out["datasets"].items()]
+    create_markdown_artifact(key="published", markdown="\n".join(lines), description="where the datasets went")
+    return out
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.publish", description=publish.__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--no-push", action="store_true", help="skip dvc push (only copy to publish.prefix)")
+    args = parser.parse_args(argv)
+    try:
+        load_params(args.params)
+        publish(params_path=args.params, push_to_dvc=False if args.no_push else None)
+    except PoisonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

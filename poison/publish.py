@@ -1,0 +1,280 @@
+"""Publishing: push with DVC, and copy a dataset to a readable prefix for plain WebDataset URLs.
+
+DVC's remote is content-addressed (files are stored by md5), so WebDataset brace URLs
+cannot point into it. ``publish_dataset`` copies one verified dataset to
+
+    <prefix>/<dataset>/<version>/{<split>-NNNNNN.tar, manifest.json, README.md, <split>.wids.json}
+
+where ``prefix`` is a folder or ``s3://bucket/prefix`` and ``version`` defaults to the
+first 12 hex digits of the manifest's sha256 (so a version names exactly one content).
+Nothing half-written is ever published:
+
+- the dataset is verified (every shard against its manifest) before anything is copied;
+- into a folder, the version is assembled in a hidden staging folder and renamed into
+  place; on S3 every file is one PUT and ``manifest.json`` goes last, so a reader (who
+  starts from the manifest) never sees a version whose shards are not all there;
+- an existing version is never overwritten with different content.
+
+``dvc_push`` runs ``dvc push`` in a subprocess (the library never imports DVC) after
+checking that the workspace matches ``dvc.lock``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from poison.errors import ShardError
+from poison.shards import check_shard_bytes, dataset_card, read_manifest, shard_name, verify_dataset
+from poison.stores import LocalStore, Store, open_store
+from poison.utils import canonical_json, sha256_file
+
+__all__ = ["publish", "verify_all", "evaluate_metrics", "publish_dataset", "wids_index", "card_metrics", "dvc_push", "PublishError", "default_version"]
+
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class PublishError(ShardError):
+    """A dataset could not be published (unverified, conflicting version, remote failure)."""
+
+
+def default_version(dataset_dir: str | os.PathLike[str]) -> str:
+    """Return the default published version of a dataset: its manifest sha256, 12 hex digits."""
+    return sha256_file(Path(dataset_dir) / "manifest.json")[:12]
+
+
+def wids_index(manifest: dict[str, Any], split: str) -> dict[str, Any]:
+    """Return the ``wids`` shard index (wids-shard-index-v1) of one split; URLs are relative to it."""
+    where = f"manifest of {manifest.get('dataset')}"
+    shards = [r for r in manifest["shards"] if r.get("split") == split]
+    return {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": f"{manifest['dataset']}-{split}",
+        "shardlist": [{"url": shard_name(r, where), "nsamples": int(r["samples"]), "filesize": int(r["bytes"])}
+                      for r in shards],
+    }
+
+
+def _files(dataset_dir: Path, manifest: dict[str, Any], card: bytes | None = None
+           ) -> list[tuple[str, Callable[[], bytes]]]:
+    """(name, read) of everything published, manifest last; each shard is re-checked as it is read."""
+    where = str(dataset_dir / "manifest.json")
+
+    def shard(rec: dict[str, Any]) -> Callable[[], bytes]:
+        def read() -> bytes:
+            path = dataset_dir / shard_name(rec, where)
+            data = path.read_bytes()
+            check_shard_bytes(data, rec, str(path))  # the bytes copied are the bytes checked
+            return data
+        return read
+
+    out: list[tuple[str, Callable[[], bytes]]] = [(shard_name(r, where), shard(r)) for r in manifest["shards"]]
+    for split in manifest["splits"]:
+        index = canonical_json(wids_index(manifest, split)).encode()
+        out.append((f"{split}.wids.json", lambda index=index: index))
+    out.append(("README.md", (lambda: card) if card is not None else (dataset_dir / "README.md").read_bytes))
+    out.append(("manifest.json", (dataset_dir / "manifest.json").read_bytes))
+    return out
+
+
+def card_metrics(metrics: dict[str, Any] | None, dataset_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Return the summary of the evaluate stage's ``metrics`` that describes this dataset, else None.
+
+    ``metrics`` (reports/evaluate/metrics.json) names the manifest sha256 of the clean and
+    poisoned datasets it measured; numbers of any other dataset are never attached.
+    """
+    if not metrics or "datasets" not in metrics:
+        return None
+    sha = sha256_file(Path(dataset_dir) / "manifest.json")
+    role = next((r for r, d in metrics["datasets"].items() if d.get("manifest_sha256") == sha), None)
+    if role is None:
+        return None
+    keep = ("accuracy_mean", "accuracy_std", "target_rate_mean", "target_rate_std")
+    summary: dict[str, Any] = {
+        "measured_as": role, "target": metrics.get("target"), "test_samples": metrics.get("test_samples"),
+        "recipe": metrics.get("recipe"), "seeds": metrics.get("seeds"),
+        "clean_test_accuracy": {
+            trained_on: {arch: {k: v for k, v in m.items() if k in keep} for arch, m in metrics[trained_on].items()}
+            for trained_on in ("clean", "poisoned") if isinstance(metrics.get(trained_on), dict)
+        },
+    }
+    if role == "poisoned":
+        summary["budget"] = metrics.get("budget")
+    return summary
+
+
+def publish_dataset(dataset_dir: str | os.PathLike[str], prefix: str | os.PathLike[str], *,
+                    version: str | None = None, endpoint_url: str | None = None,
+                    metrics: dict[str, Any] | None = None, repo_path: str | None = None) -> dict[str, Any]:
+    """Copy a verified dataset to ``<prefix>/<dataset>/<version>/``; return where and what.
+
+    ``metrics`` (the evaluate stage's metrics.json) goes into the published card when it
+    describes this very dataset (``card_metrics``); ``repo_path`` is the dataset's path in
+    its DVC project, for the card's ``dvc import`` line. Returns {"url", "dataset",
+    "version", "files", "samples", "kind", "metrics", "published"} where ``published`` is
+    False when that version was already there with identical content.
+    """
+    base = Path(dataset_dir)
+    manifest = read_manifest(base)
+    problems = verify_dataset(base)
+    if problems:
+        raise PublishError(f"{base}: not published, {len(problems)} shard(s) fail verification:\n  "
+                           + "\n  ".join(problems) + "\nregenerate the dataset (`dvc repro`) first")
+    if not (base / "README.md").is_file():
+        raise PublishError(f"{base / 'README.md'}: missing dataset card; regenerate the dataset first")
+    version = version or default_version(base)
+    if not _VERSION.match(version):
+        raise PublishError(f"version: expected letters, digits, '.', '_' or '-' (at most 64), got {version!r}")
+    dataset = manifest["dataset"]
+    root = open_store(prefix, endpoint_url=endpoint_url)
+    dest = root.child(dataset, version)
+    summary = card_metrics(metrics, base)
+    card = None
+    if summary is not None or repo_path is not None:
+        card = dataset_card(manifest, summary, repo_path=repo_path).encode()
+    files = _files(base, manifest, card)
+    manifest_bytes = (base / "manifest.json").read_bytes()
+    result = {"url": dest.url, "dataset": dataset, "version": version, "files": [n for n, _ in files],
+              "samples": manifest["totals"]["samples"], "kind": manifest["kind"], "metrics": summary is not None}
+    if dest.exists("manifest.json"):
+        if dest.read("manifest.json") != manifest_bytes:
+            raise PublishError(f"{dest.join('manifest.json')}: version {version!r} is already published with other "
+                               "content; versions are immutable: publish under a new version")
+        # same manifest: make sure every file is there (an earlier copy may have been killed)
+        missing = [n for n, _ in files if not dest.exists(n)]
+        if not missing:
+            readme = dict(files)["README.md"]()
+            if dest.read("README.md") == readme:
+                return dict(result, published=False)
+            dest.write("README.md", readme)  # same data, newer card (e.g. metrics measured since)
+            return dict(result, published=True)
+    if isinstance(dest, LocalStore):
+        _publish_to_folder(dest, files)
+    else:
+        _publish_to_store(dest, files)
+    return dict(result, published=True)
+
+
+def _publish_to_folder(dest: LocalStore, files: Sequence[tuple[str, Callable[[], bytes]]]) -> None:
+    final = dest.path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    try:
+        for name, read in files:
+            (staging / name).write_bytes(read())
+            os.chmod(staging / name, 0o644)
+        os.chmod(staging, 0o755)
+        if final.exists():  # same manifest, files missing: replace the incomplete copy
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish_to_store(dest: Store, files: Sequence[tuple[str, Callable[[], bytes]]]) -> None:
+    for name, read in files:  # manifest.json is last: it is what makes the version visible
+        dest.write(name, read())
+
+
+def dvc_push(repo: str | os.PathLike[str] = ".", *, remote: str | None = None,
+             targets: Sequence[str] = (), check_status: bool = True, timeout: float = 1800) -> str:
+    """Run ``dvc push`` in ``repo`` (optionally to ``remote``, for ``targets``); return its output.
+
+    With ``check_status`` it first requires ``dvc status`` to report the workspace in step
+    with dvc.lock, so outputs of an interrupted or modified run are never pushed.
+    """
+    repo = Path(repo)
+    dvc = [sys.executable, "-m", "dvc"]
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(dvc + args, cwd=repo, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise PublishError(f"{repo}: `dvc {' '.join(args)}` took longer than {timeout:.0f} s; check the remote") from None
+
+    if check_status:
+        proc = run(["status", "--json", *targets])
+        if proc.returncode != 0:
+            raise PublishError(f"{repo}: `dvc status` failed: {_tail(proc)}")
+        try:
+            status = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
+        except json.JSONDecodeError:
+            raise PublishError(f"{repo}: could not read `dvc status --json` output: {_tail(proc)}") from None
+        if status:
+            stages = ", ".join(sorted(status))
+            raise PublishError(f"{repo}: the workspace differs from dvc.lock ({stages}); run `dvc repro` to finish "
+                               "the pipeline before publishing; nothing was pushed")
+    args = ["push", *(["--remote", remote] if remote else []), *targets]
+    proc = run(args)
+    if proc.returncode != 0:
+        raise PublishError(f"{repo}: `dvc {' '.join(args)}` failed: {_tail(proc)}\n(check the remote's URL and "
+                           "credentials: `dvc remote list`; the default is a local folder, see .dvc/config)")
+    return proc.stdout + proc.stderr
+
+
+def _tail(proc: subprocess.CompletedProcess, lines: int = 8) -> str:
+    return "\n".join((proc.stderr + proc.stdout).strip().splitlines()[-lines:])
+
+
+def verify_all(params: Any, repo: str | os.PathLike[str] = ".") -> dict[str, str]:
+    """Return {name: path} of the datasets ``params.publish`` names, after verifying every shard of each.
+
+    Raises ``PublishError`` listing every bad shard: one bad shard publishes nothing.
+    """
+    repo = Path(repo)
+    dirs = {name: getattr(params.paths, name) for name in params.publish.datasets}
+    for name, rel in dirs.items():
+        problems = verify_dataset(repo / rel)
+        if problems:
+            raise PublishError(f"{repo / rel}: not published ({name}), {len(problems)} shard(s) fail verification:\n  "
+                               + "\n  ".join(problems) + "\nrun `dvc repro` (or `dvc checkout`) first; nothing was pushed")
+    return dirs
+
+
+def evaluate_metrics(params: Any, repo: str | os.PathLike[str] = ".") -> dict[str, Any] | None:
+    """Return the evaluate stage's metrics.json, or None when it has not run."""
+    path = Path(repo) / params.paths.reports / "evaluate" / "metrics.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError as exc:
+        raise PublishError(f"{path}: not valid JSON ({exc}); rerun the evaluate stage (`dvc repro`)") from None
+
+
+def publish(params: Any, *, repo: str | os.PathLike[str] = ".", push: bool | None = None,
+            prefix: str | None = None, version: str | None = None, remote: str | None = None,
+            endpoint_url: str | None = None) -> dict[str, Any]:
+    """Publish the datasets ``params.publish`` names: verify all, ``dvc push``, copy to a prefix.
+
+    Keyword arguments override the ``publish`` section for this run. Every dataset is
+    verified before anything is pushed or copied, so one bad shard publishes nothing.
+    """
+    cfg = params.publish
+    push = cfg.dvc_push if push is None else push
+    prefix = cfg.prefix if prefix is None else prefix
+    version = cfg.version if version is None else version
+    remote = cfg.remote if remote is None else remote
+    endpoint_url = cfg.endpoint_url if endpoint_url is None else endpoint_url
+    if not push and not prefix:
+        raise PublishError("publish: nothing to do: enable dvc_push or give a prefix (--to / publish.prefix)")
+    repo = Path(repo)
+    dirs = verify_all(params, repo)
+    out: dict[str, Any] = {"dvc_push": None, "datasets": {}}
+    if push:
+        dvc_push(repo, remote=remote)
+        out["dvc_push"] = {"remote": remote or "default"}
+    if prefix:
+        metrics = evaluate_metrics(params, repo)
+        for name, rel in dirs.items():
+            out["datasets"][name] = publish_dataset(repo / rel, prefix, version=version, endpoint_url=endpoint_url,
+                                                    metrics=metrics, repo_path=Path(rel).as_posix())
+    return out

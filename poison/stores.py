@@ -1,0 +1,266 @@
+"""Where datasets live: a local folder, an http(s) prefix, an S3 prefix, or a DVC repository.
+
+A ``Store`` reads (and, for folders and S3, writes) the files of one dataset prefix by
+name. It is how ``open_dataset`` streams shards and how ``publish_dataset`` copies them:
+
+    open_store("data/shards/mnist5k")                     # a folder (or file://...)
+    open_store("https://example.org/poison/mnist5k/v1")   # read-only
+    open_store("s3://bucket/prefix/mnist5k/v1")           # boto3 (``pip install 'poison[s3]'``)
+
+S3 endpoints other than AWS (MinIO, moto, ...) come from ``endpoint_url`` or the
+standard ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` variables; credentials come from
+boto3's usual chain. DVC locations are fetched with ``dvc get`` in a subprocess
+(``fetch_from_dvc``): the library never imports DVC.
+
+Errors name the URL, what went wrong (missing, unreachable, denied) and what to check.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from poison.errors import ShardError
+from poison.utils import atomic_write_bytes
+
+__all__ = ["Store", "LocalStore", "HttpStore", "S3Store", "open_store", "fetch_from_dvc"]
+
+#: Seconds before a remote read gives up (per attempt).
+TIMEOUT = 30
+
+
+class Store:
+    """Files of one prefix, by name (no ``/`` needed in names, but allowed for children)."""
+
+    url: str
+    writable = False
+
+    def read(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def write(self, name: str, data: bytes) -> None:
+        raise ShardError(f"{self.url}: read-only location; publish to a folder or an s3:// prefix")
+
+    def child(self, *parts: str) -> "Store":
+        raise NotImplementedError
+
+    def join(self, name: str) -> str:
+        return f"{self.url.rstrip('/')}/{name}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+class LocalStore(Store):
+    """A local folder; writes are atomic (temporary file, then rename)."""
+
+    writable = True
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.url = str(self.path)
+
+    def read(self, name: str) -> bytes:
+        path = self.path / name
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ShardError(f"{path}: not found; check the path (a dataset folder holds manifest.json "
+                             "and its shards), or `dvc pull` / regenerate it") from None
+        except OSError as exc:
+            raise ShardError(f"{path}: cannot read ({exc})") from exc
+
+    def exists(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def write(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self.path / name, data)
+
+    def child(self, *parts: str) -> "LocalStore":
+        return LocalStore(self.path.joinpath(*parts))
+
+    def join(self, name: str) -> str:
+        return str(self.path / name)
+
+
+class HttpStore(Store):
+    """An http(s) prefix, read-only (a static file server, a CDN, a public bucket's web endpoint)."""
+
+    def __init__(self, url: str, timeout: float = TIMEOUT):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def read(self, name: str) -> bytes:
+        url = self.join(name)
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as exc:
+            what = "not found" if exc.code == 404 else f"HTTP {exc.code} {exc.reason}"
+            raise ShardError(f"{url}: {what}; check the prefix (it should hold manifest.json and the shards "
+                             "that `poison publish` copied there)") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ShardError(f"{url}: cannot reach the server ({reason}); check the URL and the network") from None
+
+    def exists(self, name: str) -> bool:
+        req = urllib.request.Request(self.join(name), method="HEAD")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout):
+                return True
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return False
+            raise ShardError(f"{self.join(name)}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ShardError(f"{self.join(name)}: cannot reach the server ({getattr(exc, 'reason', exc)})") from None
+
+    def child(self, *parts: str) -> "HttpStore":
+        return HttpStore("/".join([self.url, *(p.strip("/") for p in parts)]), self.timeout)
+
+
+class S3Store(Store):
+    """An ``s3://bucket/prefix`` (boto3; any S3-compatible endpoint)."""
+
+    writable = True
+
+    def __init__(self, url: str, endpoint_url: str | None = None, client=None):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ShardError(f"{url}: expected s3://bucket/prefix")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.endpoint_url = endpoint_url
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError:
+                raise ShardError(f"{self.url}: s3:// locations need boto3: pip install 'poison[s3]'") from None
+            # few, short retries: an unreachable endpoint must fail in seconds, not minutes
+            config = Config(connect_timeout=5, read_timeout=TIMEOUT, retries={"max_attempts": 2, "mode": "standard"})
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
+        return self._client
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _client=None)  # clients do not cross process boundaries
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _error(self, name: str, exc: Exception) -> ShardError:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        url = self.join(name)
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return ShardError(f"{url}: not found; check the prefix (it should hold manifest.json and the shards "
+                                  "that `poison publish` copied there)")
+            if code == "NoSuchBucket":
+                return ShardError(f"{url}: bucket {self.bucket!r} does not exist at {endpoint}; create it or fix the URL")
+            return ShardError(f"{url}: S3 error {code or exc} at {endpoint}; check credentials and permissions")
+        if isinstance(exc, NoCredentialsError):
+            return ShardError(f"{url}: no AWS credentials; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
+        if isinstance(exc, EndpointConnectionError):
+            return ShardError(f"{url}: cannot reach the S3 endpoint {endpoint} ({exc}); check endpoint_url / "
+                              "AWS_ENDPOINT_URL and the network")
+        return ShardError(f"{url}: S3 request to {endpoint} failed ({type(exc).__name__}: {exc})")
+
+    def read(self, name: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(name, exc) from None
+
+    def exists(self, name: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._error(name, exc) from None
+        except BotoCoreError as exc:
+            raise self._error(name, exc) from None
+
+    def write(self, name: str, data: bytes) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:  # one PUT: S3 never shows a partly written object
+            self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(name, exc) from None
+
+    def child(self, *parts: str) -> "S3Store":
+        return S3Store("/".join([self.url, *(p.strip("/") for p in parts)]), self.endpoint_url, self._client)
+
+
+def open_store(location: str | os.PathLike[str], *, endpoint_url: str | None = None) -> Store:
+    """Return the ``Store`` for a folder path, ``file://``, ``http(s)://`` or ``s3://`` prefix."""
+    if isinstance(location, os.PathLike):
+        return LocalStore(location)
+    if not isinstance(location, str) or not location:
+        raise ShardError(f"source: expected a folder, an http(s):// or s3:// prefix, got {location!r}")
+    scheme = urllib.parse.urlparse(location).scheme
+    if scheme in ("http", "https"):
+        return HttpStore(location)
+    if scheme == "s3":
+        return S3Store(location, endpoint_url)
+    if scheme == "file":
+        return LocalStore(urllib.parse.unquote(urllib.parse.urlparse(location).path))
+    if scheme and len(scheme) > 1:  # (a one-letter scheme is a Windows drive)
+        raise ShardError(f"{location}: unsupported scheme {scheme!r}; use a folder, http(s)://, s3:// "
+                         "or repo=/path= for a DVC location")
+    return LocalStore(location)
+
+
+def fetch_from_dvc(repo: str, path: str, rev: str | None, dest: str | os.PathLike[str],
+                   timeout: float = 600) -> Path:
+    """Download ``path`` of the DVC project ``repo`` (git URL or folder) at ``rev`` into ``dest``.
+
+    Runs ``python -m dvc get`` (DVC resolves the git revision and pulls from that project's
+    remote). Returns the folder written; raises ``ShardError`` with DVC's own message.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        raise ShardError(f"{dest}: already exists; fetch a DVC location into a new folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+    target = staging / "data"
+    cmd = [sys.executable, "-m", "dvc", "get", repo, path, "-o", str(target)]
+    if rev:
+        cmd += ["--rev", rev]
+    where = f"{repo}:{path}" + (f"@{rev}" if rev else "")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
+            raise ShardError(f"{where}: `dvc get` failed: {tail}\n(check the repository, revision and path, and "
+                             "that the project's DVC remote is reachable)")
+        os.replace(target, dest)
+    except subprocess.TimeoutExpired:
+        raise ShardError(f"{where}: `dvc get` took longer than {timeout:.0f} s; check the remote") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest

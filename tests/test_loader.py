@@ -1,0 +1,228 @@
+"""open_dataset: bit-exact streaming from folders and http, partial poisoning, refusal of bad shards."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import poison
+from poison.errors import ShardError
+from poison.loader import open_dataset, poisoned_indices, verify_location
+from poison.shards import load_split, read_manifest
+
+
+@pytest.fixture()
+def poisoned_copy(poisoned_dataset, tmp_path) -> Path:
+    dest = tmp_path / "poisoned"
+    shutil.copytree(poisoned_dataset, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def http_root(tmp_path_factory, clean_dataset, poisoned_dataset):
+    """A static file server on 127.0.0.1 (free port) serving copies of both datasets."""
+    root = tmp_path_factory.mktemp("www")
+    shutil.copytree(clean_dataset, root / "clean")
+    shutil.copytree(poisoned_dataset, root / "poisoned")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_open_dataset_is_exported_from_the_package():
+    assert poison.open_dataset is open_dataset
+
+
+def test_local_folder_is_bit_exact_and_in_key_order(poisoned_dataset):
+    x, y, meta = load_split(poisoned_dataset, "train")
+    ds = open_dataset(poisoned_dataset, dtype=torch.uint8)
+    assert len(ds) == 210 and ds.kind == "poisoned"
+    xs, ys = ds.tensors()
+    assert torch.equal(xs, x) and torch.equal(ys, y)
+    floats, _ = open_dataset(poisoned_dataset).tensors()
+    assert floats.dtype == torch.float32 and torch.equal(floats, x.float() / 255)
+
+
+def test_with_meta_labels_samples_as_poisoned(poisoned_dataset):
+    items = list(open_dataset(poisoned_dataset, with_meta=True))
+    assert [m["key"] for _, _, m in items] == [f"train_{i:08d}" for i in range(210)]
+    assert all(m["poisoned"] is True and m["kind"] == "poisoned" for _, _, m in items)
+
+
+def test_every_split_of_a_clean_dataset(clean_dataset):
+    for split, n in {"train": 210, "val": 30, "test": 60}.items():
+        x, y, _ = load_split(clean_dataset, split)
+        xs, ys = open_dataset(clean_dataset, split, dtype=torch.uint8).tensors()
+        assert xs.shape[0] == n and torch.equal(xs, x) and torch.equal(ys, y)
+    with pytest.raises(ShardError, match="no split 'dev'"):
+        open_dataset(clean_dataset, "dev")
+
+
+def test_http_prefix_is_bit_exact(http_root, poisoned_dataset):
+    _, url = http_root
+    x, y, _ = load_split(poisoned_dataset, "train")
+    xs, ys = open_dataset(f"{url}/poisoned", dtype=torch.uint8).tensors()
+    assert torch.equal(xs, x) and torch.equal(ys, y)
+    manifest, problems = verify_location(f"{url}/poisoned")
+    assert problems == [] and manifest["kind"] == "poisoned"
+
+
+def test_http_tampered_shard_raises_before_yielding_from_it(http_root):
+    root, url = http_root
+    dest = root / "tampered"
+    shutil.copytree(root / "poisoned", dest)
+    shard = dest / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    seen = []
+    with pytest.raises(ShardError, match=r"train-000001\.tar.*sha256 differs"):
+        for item in open_dataset(f"{url}/tampered"):
+            seen.append(item)
+    assert len(seen) == 100  # all of shard 0, nothing of shard 1
+    _, problems = verify_location(f"{url}/tampered")
+    assert len(problems) == 1 and "train-000001.tar" in problems[0]
+
+
+def test_http_missing_prefix_and_unreachable_server_are_clear(http_root):
+    _, url = http_root
+    with pytest.raises(ShardError, match=r"/nothing/manifest\.json: not found"):
+        open_dataset(f"{url}/nothing")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ShardError, match=rf"127\.0\.0\.1:{port}/x/manifest\.json: cannot reach the server"):
+        open_dataset(f"http://127.0.0.1:{port}/x")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_bad_shard_raises_before_any_of_its_samples(poisoned_copy, damage):
+    shard = poisoned_copy / "train-000001.tar"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:5000])
+    elif damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    else:
+        shard.unlink()
+    seen = []
+    with pytest.raises(ShardError, match=r"train-000001\.tar"):
+        for item in open_dataset(poisoned_copy):
+            seen.append(item)
+    assert len(seen) == 100
+
+
+def test_manifest_with_a_path_as_shard_name_is_refused_before_fetching(poisoned_copy):
+    path = poisoned_copy / "manifest.json"
+    m = json.loads(path.read_text())
+    m["shards"][0]["file"] = "../../etc/passwd"
+    path.write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="not a plain"):
+        open_dataset(poisoned_copy)
+
+
+def test_unverified_reading_still_refuses_unsafe_members(poisoned_copy):
+    import io
+    import tarfile
+
+    shard = poisoned_copy / "train-000000.tar"
+    with tarfile.open(shard, "a") as tar:
+        payload = b"\x80\x04K\x01."  # a pickle
+        info = tarfile.TarInfo("train_00000099.pyd")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ShardError, match="pyd"):
+        list(open_dataset(poisoned_copy, verify=False))
+
+
+def test_poisoned_indices_are_deterministic_nested_and_exact():
+    a = poisoned_indices(1000, 0.3, seed=5)
+    assert a.numel() == 300 and torch.equal(a, poisoned_indices(1000, 0.3, seed=5))
+    assert not torch.equal(a, poisoned_indices(1000, 0.3, seed=6))
+    assert set(a.tolist()) <= set(poisoned_indices(1000, 0.6, seed=5).tolist())
+    assert poisoned_indices(10, 0.0, 0).numel() == 0 and poisoned_indices(10, 1.0, 0).numel() == 10
+    with pytest.raises(ShardError, match="ratio"):
+        poisoned_indices(10, 1.5, 0)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 1.0])
+def test_partial_poisoning_mixes_by_index(poisoned_dataset, clean_dataset, ratio):
+    xp, yp, _ = load_split(poisoned_dataset, "train")
+    xc, yc, _ = load_split(clean_dataset, "train")
+    assert not torch.equal(xp, xc)
+    ds = open_dataset(poisoned_dataset, ratio=ratio, clean=clean_dataset, seed=3, dtype=torch.uint8, with_meta=True)
+    items = list(ds)
+    chosen = set(poisoned_indices(210, ratio, 3).tolist())
+    assert len(items) == 210 and sum(m["poisoned"] for _, _, m in items) == round(ratio * 210) == len(chosen)
+    for i, (image, label, meta) in enumerate(items):
+        assert meta["poisoned"] == (i in chosen)
+        assert torch.equal(image, xp[i] if i in chosen else xc[i]) and label == int(yc[i])
+    # the same seed gives the same mix; another seed another one
+    again = [m["poisoned"] for _, _, m in open_dataset(poisoned_dataset, ratio=ratio, clean=clean_dataset, seed=3,
+                                                       with_meta=True)]
+    assert again == [m["poisoned"] for _, _, m in items]
+
+
+def test_partial_poisoning_needs_the_matching_clean_set(poisoned_dataset, clean_dataset, tmp_path):
+    with pytest.raises(ShardError, match="clean: ratio 0.5 < 1 needs the clean dataset"):
+        open_dataset(poisoned_dataset, ratio=0.5)
+    other = tmp_path / "other"
+    shutil.copytree(clean_dataset, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["seed"] = 99
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="pass the matching clean dataset"):
+        open_dataset(poisoned_dataset, ratio=0.5, clean=other)
+    with pytest.raises(ShardError, match="already clean"):
+        open_dataset(clean_dataset, ratio=0.5, clean=clean_dataset)
+
+
+def test_shuffle_is_a_reproducible_permutation(poisoned_dataset):
+    ds = open_dataset(poisoned_dataset, shuffle=50, seed=1, with_meta=True)
+    keys = [m["key"] for _, _, m in ds]
+    assert sorted(keys) == [f"train_{i:08d}" for i in range(210)] and keys != sorted(keys)
+    assert keys == [m["key"] for _, _, m in ds]
+    ds.set_epoch(1)
+    assert [m["key"] for _, _, m in ds] != keys
+
+
+def test_dataloader_workers_read_each_sample_once(poisoned_dataset):
+    ds = open_dataset(poisoned_dataset, with_meta=True)
+    loader = DataLoader(ds, batch_size=32, num_workers=2, collate_fn=lambda b: b)
+    keys = [m["key"] for batch in loader for _, _, m in batch]
+    assert sorted(keys) == [f"train_{i:08d}" for i in range(210)]
+
+
+def test_bad_arguments_name_the_argument(poisoned_dataset):
+    with pytest.raises(ShardError, match="dtype"):
+        open_dataset(poisoned_dataset, dtype=torch.int32)
+    with pytest.raises(ShardError, match="shuffle"):
+        open_dataset(poisoned_dataset, shuffle=-1)
+    with pytest.raises(ShardError, match="unsupported scheme 'ftp'"):
+        open_dataset("ftp://example.invalid/x")
+    with pytest.raises(ShardError, match="manifest.json: not found"):
+        open_dataset(poisoned_dataset.parent / "does-not-exist")
+
+
+def test_manifest_is_the_source_of_the_shape(poisoned_dataset):
+    m = read_manifest(poisoned_dataset)
+    image, _ = next(iter(open_dataset(poisoned_dataset)))
+    assert tuple(image.shape) == (m["image"]["channels"], m["image"]["height"], m["image"]["width"])
