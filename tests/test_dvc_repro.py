@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO
@@ -70,19 +71,25 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> 
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow
-def test_dvc_repro_end_to_end_then_up_to_date(tmp_path, dvc_env):
-    repo = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory, dvc_env):
+    """A tiny copy of this project, committed to git, after one `dvc repro`: (repo, log)."""
+    repo = tmp_path_factory.mktemp("project") / "repo"
     repo.mkdir()
     _copy_repository(repo)
     (repo / "params.yaml").write_text(yaml.safe_dump(_tiny_repo_params(), sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny"]):
         assert _run(cmd, repo, dvc_env).returncode == 0
-
-    dvc = str(BIN / "dvc")
-    first = _run([dvc, "repro"], repo, dvc_env, timeout=600)
+    first = _run([str(BIN / "dvc"), "repro"], repo, dvc_env, timeout=600)
     log = first.stdout + first.stderr
     assert first.returncode == 0, log[-4000:]
+    return repo, log
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_then_up_to_date(repro, dvc_env):
+    repo, log = repro
+    dvc = str(BIN / "dvc")
     for stage in ("prepare", "train_generator", "poison", "evaluate"):
         assert f"Running stage '{stage}'" in log
 
@@ -109,3 +116,50 @@ def test_dvc_repro_end_to_end_then_up_to_date(tmp_path, dvc_env):
 
     status = _run([dvc, "status"], repo, dvc_env)
     assert status.returncode == 0 and "Data and pipelines are up to date" in status.stdout + status.stderr
+
+
+@pytest.mark.slow
+def test_publish_flow_pushes_and_another_project_dvc_imports_the_dataset(repro, dvc_env, tmp_path, monkeypatch):
+    """The producer pushes with the publish flow to a local-folder remote; a separate git project
+    `dvc import`s the poisoned dataset from the producer's git repository and streams it bit-exact."""
+    repo, _ = repro
+    remote = tmp_path / "shared-remote"
+    for cmd in (["dvc", "remote", "add", "-d", "-f", "local", str(remote)], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "pipeline outputs recorded in dvc.lock; shared remote"]):
+        proc = _run([str(BIN / cmd[0]) if cmd[0] == "dvc" else cmd[0], *cmd[1:]], repo, dvc_env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    pushed = _run([sys.executable, "-m", "flows.publish"], repo, dvc_env, timeout=600)
+    assert pushed.returncode == 0, (pushed.stdout + pushed.stderr)[-4000:]
+    assert any(remote.rglob("*")), "dvc push wrote nothing to the remote"
+
+    # a git clone has no DVC cache: everything the consumer gets comes through the remote
+    origin = tmp_path / "origin"
+    assert _run(["git", "clone", "-q", str(repo), str(origin)], tmp_path, dvc_env).returncode == 0
+    consumer = tmp_path / "consumer"
+    consumer.mkdir()
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"],
+                [str(BIN / "dvc"), "import", str(origin), "data/shards/mnist5k-deepconfuse", "-o", "poisoned"]):
+        proc = _run(cmd, consumer, dvc_env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (consumer / "poisoned.dvc").is_file()
+
+    source = repo / "data" / "shards" / "mnist5k-deepconfuse"
+    for f in sorted(source.iterdir()):
+        assert (consumer / "poisoned" / f.name).read_bytes() == f.read_bytes()
+    from poison import open_dataset
+    from poison.shards import load_split
+
+    x, y, _ = load_split(source, "train")
+    xs, ys = open_dataset(consumer / "poisoned", dtype=torch.uint8).tensors()
+    assert torch.equal(xs, x) and torch.equal(ys, y)
+
+    # open_dataset straight from the DVC location (dvc get), mixed 50/50 with the clean set
+    for key in ("HOME", "DVC_SITE_CACHE_DIR", "DVC_NO_ANALYTICS", "XDG_CACHE_HOME", "XDG_CONFIG_HOME"):
+        monkeypatch.setenv(key, dvc_env[key])
+    ds = open_dataset("data/shards/mnist5k-deepconfuse", repo=str(origin), rev="HEAD", ratio=0.5,
+                      clean="data/shards/mnist5k", dtype=torch.uint8, with_meta=True)
+    xc, _, _ = load_split(repo / "data" / "shards" / "mnist5k", "train")
+    items = list(ds)
+    assert sum(m["poisoned"] for _, _, m in items) == round(0.5 * len(x))
+    for i, (image, _, meta) in enumerate(items):
+        assert torch.equal(image, x[i] if meta["poisoned"] else xc[i])

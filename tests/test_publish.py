@@ -1,0 +1,148 @@
+"""Publishing to a readable prefix (a folder here; S3 in test_s3.py): layout, safety, idempotence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import tiny_params_dict
+from poison import publish as pub
+from poison.cli import main
+from poison.config import from_dict, Params
+from poison.errors import ConfigError
+from poison.loader import open_dataset
+from poison.shards import load_split, manifest_sha256, read_manifest
+
+
+@pytest.fixture()
+def dataset(poisoned_dataset, tmp_path) -> Path:
+    dest = tmp_path / "src" / "poisoned"
+    shutil.copytree(poisoned_dataset, dest)
+    return dest
+
+
+def test_publish_to_a_folder_layout_and_round_trip(dataset, tmp_path):
+    r = pub.publish_dataset(dataset, tmp_path / "pub")
+    version = manifest_sha256(dataset)[:12]
+    out = tmp_path / "pub" / read_manifest(dataset)["dataset"] / version
+    assert r["published"] and r["version"] == version and Path(r["url"]) == out
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "README.md", "train.wids.json", "train-000000.tar", "train-000001.tar", "train-000002.tar"])
+    for name in ("manifest.json", "train-000000.tar", "train-000002.tar"):
+        assert (out / name).read_bytes() == (dataset / name).read_bytes()
+    assert not list(out.parent.glob(".*staging*"))
+    index = json.loads((out / "train.wids.json").read_text())
+    assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
+    assert [(s["url"], s["nsamples"]) for s in index["shardlist"]] == [
+        ("train-000000.tar", 100), ("train-000001.tar", 100), ("train-000002.tar", 10)]
+    x, y, _ = load_split(dataset, "train")
+    xs, ys = open_dataset(out, dtype=torch.uint8).tensors()
+    assert torch.equal(xs, x) and torch.equal(ys, y)
+
+
+def test_plain_webdataset_brace_url_reads_the_published_copy(dataset, tmp_path):
+    r = pub.publish_dataset(dataset, tmp_path / "pub")
+    url = f"{r['url']}/train-{{000000..000002}}.tar"
+    samples = list(wds.WebDataset(url, shardshuffle=False).to_tuple("__key__", "cls"))
+    assert [k for k, _ in samples] == [f"train_{i:08d}" for i in range(210)]
+    _, y, _ = load_split(dataset, "train")
+    assert [int(c) for _, c in samples] == y.tolist()
+
+
+def test_republishing_is_idempotent_and_versions_are_immutable(dataset, tmp_path):
+    first = pub.publish_dataset(dataset, tmp_path / "pub", version="v1")
+    again = pub.publish_dataset(dataset, tmp_path / "pub", version="v1")
+    assert first["published"] and not again["published"]
+    m = json.loads((dataset / "manifest.json").read_text())
+    m["seed"] = 123  # other content, same version name
+    (dataset / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(pub.PublishError, match="already published with other content"):
+        pub.publish_dataset(dataset, tmp_path / "pub", version="v1")
+
+
+def test_a_tampered_dataset_publishes_nothing(dataset, tmp_path):
+    shard = dataset / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    with pytest.raises(pub.PublishError, match=r"train-000002\.tar.*truncated"):
+        pub.publish_dataset(dataset, tmp_path / "pub")
+    assert not (tmp_path / "pub").exists() or not any((tmp_path / "pub").rglob("*"))
+
+
+def test_a_copy_that_dies_midway_leaves_no_visible_version(dataset, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = Path.write_bytes
+
+    def dying(self, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", dying)
+    with pytest.raises(OSError, match="disk full"):
+        pub.publish_dataset(dataset, tmp_path / "pub", version="v1")
+    monkeypatch.undo()
+    parent = tmp_path / "pub" / read_manifest(dataset)["dataset"]
+    assert not (parent / "v1").exists() and not list(parent.glob(".v1.staging-*"))
+    assert pub.publish_dataset(dataset, tmp_path / "pub", version="v1")["published"]
+
+
+def test_a_store_copy_writes_the_manifest_last(dataset):
+    class Recorder:
+        url = "mem://x"
+        written: list[str] = []
+
+        def write(self, name, data):
+            self.written.append(name)
+
+    rec = Recorder()
+    pub._publish_to_store(rec, pub._files(dataset, read_manifest(dataset)))
+    assert rec.written[-1] == "manifest.json" and rec.written[:3] == [
+        "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+
+
+def test_metrics_go_into_the_card_only_for_the_dataset_they_measured(dataset, tmp_path):
+    metrics = {"target": "untargeted", "test_samples": 60, "recipe": {"epochs": 1}, "seeds": [0],
+               "budget": {"eps": 0.3},
+               "datasets": {"poisoned": {"manifest_sha256": manifest_sha256(dataset)},
+                            "clean": {"manifest_sha256": "0" * 64}},
+               "clean": {"test_cnn": {"accuracy_mean": 0.9, "accuracy_std": 0.0, "runs": []}},
+               "poisoned": {"test_cnn": {"accuracy_mean": 0.1, "accuracy_std": 0.0, "runs": []}}}
+    summary = pub.card_metrics(metrics, dataset)
+    assert summary["measured_as"] == "poisoned"
+    assert summary["clean_test_accuracy"]["poisoned"]["test_cnn"] == {"accuracy_mean": 0.1, "accuracy_std": 0.0}
+    r = pub.publish_dataset(dataset, tmp_path / "pub", metrics=metrics, repo_path="data/shards/x")
+    card = (Path(r["url"]) / "README.md").read_text()
+    assert card.startswith("# ⚠ POISONED DATASET") and "## Metrics" in card and '"accuracy_mean": 0.1' in card
+    assert "dvc import <git URL of the producing project> data/shards/x" in card
+    metrics["datasets"]["poisoned"]["manifest_sha256"] = "f" * 64
+    assert pub.card_metrics(metrics, dataset) is None
+
+
+def test_publish_config_is_validated():
+    for bad, key in [({"datasets": ["generator"]}, "datasets"), ({"version": "../x"}, "version"),
+                     ({"dvc_push": False, "prefix": None}, "dvc_push/prefix")]:
+        with pytest.raises(ConfigError, match=key):
+            from_dict(Params, tiny_params_dict(publish=bad))
+
+
+def test_cli_publish_without_push_copies_to_the_prefix(session_params, poisoned_dataset, tmp_path, capsys,
+                                                       monkeypatch):
+    import yaml
+
+    params = tiny_params_dict(Path(session_params.paths.poisoned).parents[2])
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    code = main(["publish", "--params", str(params_file), "--no-push", "--to", str(tmp_path / "pub")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "poisoned: published at" in out.out
+    version = manifest_sha256(poisoned_dataset)[:12]
+    assert (tmp_path / "pub" / read_manifest(poisoned_dataset)["dataset"] / version / "manifest.json").is_file()
+    assert main(["publish", "--params", str(params_file), "--no-push"]) == 1
+    assert "nothing to do" in capsys.readouterr().err
