@@ -111,22 +111,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from urllib.parse import unquote, urlparse
+
     from poison.loader import verify_location
     from poison.shards import read_manifest, verify_dataset
 
-    if "://" in args.dir and not args.dir.startswith("file://"):
-        m, problems = verify_location(args.dir, endpoint_url=args.endpoint_url)
-        where = args.dir.rstrip("/") + "/manifest.json"
+    target = unquote(urlparse(args.dir).path) if args.dir.startswith("file://") else args.dir
+    if "://" in target:
+        m, problems = verify_location(target, endpoint_url=args.endpoint_url)
+        where = target.rstrip("/") + "/manifest.json"
     else:
-        problems = verify_dataset(args.dir)
-        where = str(Path(args.dir) / "manifest.json")
+        problems = verify_dataset(target)
+        where = str(Path(target) / "manifest.json")
     if problems:
         for p in problems:
             print(f"BAD {p}", file=sys.stderr)
         print(f"verify: {len(problems)} bad shard(s) in {args.dir}", file=sys.stderr)
         return 1
-    if "://" not in args.dir or args.dir.startswith("file://"):
-        m = read_manifest(args.dir)
+    if "://" not in target:
+        m = read_manifest(target)
     print(f"verify: OK, {len(m['shards'])} shard(s), {m['totals']['samples']} samples match {where}")
     return 0
 

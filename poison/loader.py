@@ -80,7 +80,7 @@ class _Source:
         im = self.manifest["image"]
         return (im["channels"], im["height"], im["width"])
 
-    def samples(self, i: int, verify: bool) -> Iterator[dict[str, Any]]:
+    def samples(self, i: int, verify: bool, meta: bool = True) -> Iterator[dict[str, Any]]:
         """Decoded samples of record ``i``; with ``verify`` the whole shard is checked first."""
         rec = self.records[i]
         name = shard_name(rec, self.store.join("manifest.json"))
@@ -88,7 +88,7 @@ class _Source:
         data = self.store.read(name)
         if verify:
             check_shard_bytes(data, rec, url)
-        return _checked_samples(_tar_samples(data, url), rec, url, self.shape)
+        return _checked_samples(_tar_samples(data, url), rec, url, self.shape, meta)
 
 
 class ShardDataset(IterableDataset):
@@ -144,14 +144,14 @@ class ShardDataset(IterableDataset):
                 hi = mid - 1
         if lo not in cache:
             cache.clear()  # keep one clean shard decoded at a time
-            cache[lo] = list(src.samples(lo, self.verify))
+            cache[lo] = list(src.samples(lo, self.verify, self.with_meta))
         return cache[lo][index - src.starts[lo]]
 
     def _samples(self) -> Iterator[dict[str, Any]]:
         clean_cache: dict[int, list[dict[str, Any]]] = {}
         for i in self._shard_order():
             start = self._src.starts[i]
-            for offset, sample in enumerate(self._src.samples(i, self.verify)):
+            for offset, sample in enumerate(self._src.samples(i, self.verify, self.with_meta)):
                 index = start + offset
                 if self._clean is not None and not self._is_poisoned[index]:
                     poisoned, sample = sample, self._clean_sample(index, clean_cache)

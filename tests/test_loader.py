@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 import poison
 from poison.errors import ShardError
@@ -204,10 +203,26 @@ def test_shuffle_is_a_reproducible_permutation(poisoned_dataset):
     assert [m["key"] for _, _, m in ds] != keys
 
 
+WORKERS = r"""
+import json, sys
+from torch.utils.data import DataLoader
+from poison import open_dataset
+ds = open_dataset(sys.argv[1], with_meta=True, shuffle=20)
+loader = DataLoader(ds, batch_size=32, num_workers=2, collate_fn=lambda b: b)
+print(json.dumps([m["key"] for batch in loader for _, _, m in batch]))
+"""
+
+
 def test_dataloader_workers_read_each_sample_once(poisoned_dataset):
-    ds = open_dataset(poisoned_dataset, with_meta=True)
-    loader = DataLoader(ds, batch_size=32, num_workers=2, collate_fn=lambda b: b)
-    keys = [m["key"] for batch in loader for _, _, m in batch]
+    # a fresh interpreter, as a consumer's: workers forked from this test process would inherit
+    # the threads of the Prefect test server, which makes forked children exit with status 1
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", WORKERS, str(poisoned_dataset)], capture_output=True, text=True,
+                          timeout=300, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(keys) == [f"train_{i:08d}" for i in range(210)]
 
 
@@ -226,3 +241,50 @@ def test_manifest_is_the_source_of_the_shape(poisoned_dataset):
     m = read_manifest(poisoned_dataset)
     image, _ = next(iter(open_dataset(poisoned_dataset)))
     assert tuple(image.shape) == (m["image"]["channels"], m["image"]["height"], m["image"]["width"])
+
+
+def _members(tar_bytes: bytes) -> list[tuple[str, bytes]]:
+    from poison.shards import _tar_samples
+
+    return [(s["__key__"], s["cls"]) for s in _tar_samples(tar_bytes, "x.tar")]
+
+
+def _tar(entries, fmt) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data, kind in entries:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "/etc/passwd"
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+def test_fast_tar_reader_matches_tarfile_and_falls_back_for_pax():
+    import tarfile
+
+    entries = [("a_00000000.cls", b"3", tarfile.REGTYPE), ("a_00000001.cls", b"7" * 600, tarfile.REGTYPE)]
+    assert _members(_tar(entries, tarfile.USTAR_FORMAT)) == [("a_00000000", b"3"), ("a_00000001", b"7" * 600)]
+    long = [("k" * 120 + ".cls", b"1", tarfile.REGTYPE)]  # needs a pax header
+    assert _members(_tar(long, tarfile.PAX_FORMAT)) == [("k" * 120, b"1")]
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "pax"])
+def test_tar_readers_refuse_links_and_damaged_headers(fmt):
+    import tarfile
+
+    f = tarfile.USTAR_FORMAT if fmt == "ustar" else tarfile.PAX_FORMAT
+    name = "a_00000000.cls" if fmt == "ustar" else "k" * 120 + ".cls"
+    with pytest.raises(ShardError, match="not a regular file"):
+        _members(_tar([(name, b"", tarfile.SYMTYPE)], f))
+    data = bytearray(_tar([("a_00000000.cls", b"3", tarfile.REGTYPE)], tarfile.USTAR_FORMAT))
+    data[130] = ord("7")  # the size field changes, the checksum does not
+    with pytest.raises(ShardError, match="checksum|unreadable"):
+        _members(bytes(data))
+    with pytest.raises(ShardError, match="unreadable tar"):
+        _members(bytes(data[:300]))
