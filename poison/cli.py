@@ -43,6 +43,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                              version=args.version, remote=args.remote, endpoint_url=args.endpoint_url)
     else:
         push = params.publish.dvc_push and not args.no_push
+        args.prefix = args.prefix or params.publish.prefix
         if not push and not args.prefix:
             raise PoisonError("publish: nothing to do: give --to PREFIX, or leave dvc push on")
         for d in args.dirs:

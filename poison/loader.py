@@ -36,6 +36,9 @@ from poison.shards import _checked_samples, _tar_samples, check_shard_bytes, par
 from poison.stores import Store, fetch_from_dvc, open_store
 from poison.utils import make_generator, sha256_bytes
 
+#: Decoded clean shards kept per iterator when mixing (ratio < 1) with shuffled or split shard orders.
+_CLEAN_CACHE = 4
+
 __all__ = ["open_dataset", "ShardDataset", "poisoned_indices", "verify_location"]
 
 
@@ -74,6 +77,9 @@ class _Source:
             starts.append(total)
             total += int(rec["samples"])
         return cls(store, manifest, sha256_bytes(data), records, starts)
+
+    def counts(self) -> list[int]:
+        return [int(r["samples"]) for r in self.records]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -142,8 +148,11 @@ class ShardDataset(IterableDataset):
                 lo = mid
             else:
                 hi = mid - 1
-        if lo not in cache:
-            cache.clear()  # keep one clean shard decoded at a time
+        if lo in cache:
+            cache[lo] = cache.pop(lo)  # most recently used last
+        else:
+            if len(cache) >= _CLEAN_CACHE:  # drop the least recently used decoded shard
+                cache.pop(next(iter(cache)))
             cache[lo] = list(src.samples(lo, self.verify, self.with_meta))
         return cache[lo][index - src.starts[lo]]
 
@@ -243,7 +252,8 @@ def open_dataset(
             buffer of N (reproducible per ``seed`` and ``set_epoch``).
         repo, rev: a DVC project (git URL or folder) and git revision to fetch ``source`` from.
         endpoint_url: S3-compatible endpoint (default: ``AWS_ENDPOINT_URL`` or AWS).
-        cache_dir: where DVC downloads go (default: a temporary folder removed with the dataset).
+        cache_dir: where DVC downloads go, a new sub-folder per call (default: a temporary
+            folder removed with the dataset).
     """
     if dtype not in (torch.float32, torch.float64, torch.float16, torch.uint8):
         raise ShardError(f"dtype: expected torch.float32, float64, float16 or uint8, got {dtype}")
@@ -252,16 +262,16 @@ def open_dataset(
     if not 0.0 <= ratio <= 1.0:
         raise ShardError(f"ratio: expected a fraction in [0, 1], got {ratio}")
     tmp = None
-    if repo is not None:
-        if cache_dir is None:
-            tmp = tempfile.mkdtemp(prefix="poison-dvc-")
-            cache = Path(tmp)
-        else:
-            cache = Path(cache_dir)
-        source = fetch_from_dvc(repo, str(source), rev, _fresh(cache / Path(str(source)).name))
-        if clean is not None:
-            clean = fetch_from_dvc(repo, str(clean), rev, _fresh(cache / Path(str(clean)).name))
     try:
+        if repo is not None:
+            if cache_dir is None:
+                tmp = tempfile.mkdtemp(prefix="poison-dvc-")
+                cache = Path(tmp)
+            else:
+                cache = Path(cache_dir)
+            source = fetch_from_dvc(repo, str(source), rev, _fresh(cache / (Path(str(source)).name or "dataset")))
+            if clean is not None:
+                clean = fetch_from_dvc(repo, str(clean), rev, _fresh(cache / (Path(str(clean)).name or "clean")))
         src = _Source.open(open_store(source, endpoint_url=endpoint_url), split)
         clean_src = None
         if ratio < 1.0:
@@ -278,6 +288,10 @@ def open_dataset(
                     f"clean: {clean} has manifest sha256 {clean_src.manifest_sha256}, but {source} was made from "
                     f"the dataset whose manifest sha256 is {want}; pass the matching clean dataset"
                 )
+            n_poisoned, n_clean = sum(src.counts()), sum(clean_src.counts())
+            if n_poisoned != n_clean:
+                raise ShardError(f"clean: {clean} has {n_clean} {split!r} samples, {source} has {n_poisoned}; "
+                                 "partial poisoning needs one clean sample per poisoned sample")
         ds = ShardDataset(src, split, clean=clean_src, ratio=ratio, seed=seed, verify=verify,
                           with_meta=with_meta, dtype=dtype, shuffle=shuffle)
     except BaseException:

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from poison.errors import ShardError
-from poison.shards import check_shard_bytes, dataset_card, read_manifest, shard_name, verify_dataset
+from poison.shards import check_shard_bytes, dataset_card, parse_manifest, read_manifest, shard_name, verify_dataset
 from poison.stores import LocalStore, Store, open_store
-from poison.utils import canonical_json, sha256_file
+from poison.utils import canonical_json, sha256_bytes, sha256_file
 
 __all__ = ["publish", "verify_all", "evaluate_metrics", "publish_dataset", "wids_index", "card_metrics", "dvc_push", "PublishError", "default_version"]
 
@@ -63,9 +63,13 @@ def wids_index(manifest: dict[str, Any], split: str) -> dict[str, Any]:
     }
 
 
-def _files(dataset_dir: Path, manifest: dict[str, Any], card: bytes | None = None
+def _files(dataset_dir: Path, manifest: dict[str, Any], manifest_bytes: bytes, card: bytes
            ) -> list[tuple[str, Callable[[], bytes]]]:
-    """(name, read) of everything published, manifest last; each shard is re-checked as it is read."""
+    """(name, read) of everything published, manifest last; each shard is re-checked as it is read.
+
+    ``manifest_bytes`` are the very bytes ``manifest`` was parsed from: the manifest published
+    is the one the shards were checked against, even if the folder changes meanwhile.
+    """
     where = str(dataset_dir / "manifest.json")
 
     def shard(rec: dict[str, Any]) -> Callable[[], bytes]:
@@ -80,8 +84,8 @@ def _files(dataset_dir: Path, manifest: dict[str, Any], card: bytes | None = Non
     for split in manifest["splits"]:
         index = canonical_json(wids_index(manifest, split)).encode()
         out.append((f"{split}.wids.json", lambda index=index: index))
-    out.append(("README.md", (lambda: card) if card is not None else (dataset_dir / "README.md").read_bytes))
-    out.append(("manifest.json", (dataset_dir / "manifest.json").read_bytes))
+    out.append(("README.md", lambda: card))
+    out.append(("manifest.json", lambda: manifest_bytes))
     return out
 
 
@@ -123,38 +127,41 @@ def publish_dataset(dataset_dir: str | os.PathLike[str], prefix: str | os.PathLi
     False when that version was already there with identical content.
     """
     base = Path(dataset_dir)
-    manifest = read_manifest(base)
+    if not (base / "manifest.json").is_file():
+        read_manifest(base)  # raises the usual "not a complete dataset" error
+    manifest_bytes = (base / "manifest.json").read_bytes()  # read once: parsed, hashed and published
+    manifest = parse_manifest(manifest_bytes, str(base / "manifest.json"))
     problems = verify_dataset(base)
     if problems:
         raise PublishError(f"{base}: not published, {len(problems)} shard(s) fail verification:\n  "
                            + "\n  ".join(problems) + "\nregenerate the dataset (`dvc repro`) first")
     if not (base / "README.md").is_file():
         raise PublishError(f"{base / 'README.md'}: missing dataset card; regenerate the dataset first")
-    version = version or default_version(base)
+    version = version or sha256_bytes(manifest_bytes)[:12]
     if not _VERSION.match(version):
         raise PublishError(f"version: expected letters, digits, '.', '_' or '-' (at most 64), got {version!r}")
-    dataset = manifest["dataset"]
+    dataset = manifest["dataset"]  # a plain name: parse_manifest refuses paths
     root = open_store(prefix, endpoint_url=endpoint_url)
     dest = root.child(dataset, version)
     summary = card_metrics(metrics, base)
-    card = None
     if summary is not None or repo_path is not None:
         card = dataset_card(manifest, summary, repo_path=repo_path).encode()
-    files = _files(base, manifest, card)
-    manifest_bytes = (base / "manifest.json").read_bytes()
+    else:
+        card = (base / "README.md").read_bytes()
+    files = _files(base, manifest, manifest_bytes, card)
     result = {"url": dest.url, "dataset": dataset, "version": version, "files": [n for n, _ in files],
               "samples": manifest["totals"]["samples"], "kind": manifest["kind"], "metrics": summary is not None}
     if dest.exists("manifest.json"):
         if dest.read("manifest.json") != manifest_bytes:
             raise PublishError(f"{dest.join('manifest.json')}: version {version!r} is already published with other "
                                "content; versions are immutable: publish under a new version")
-        # same manifest: make sure every file is there (an earlier copy may have been killed)
-        missing = [n for n, _ in files if not dest.exists(n)]
-        if not missing:
-            readme = dict(files)["README.md"]()
-            if dest.read("README.md") == readme:
+        # same manifest: every shard must be there, whole (an earlier copy may have been killed or damaged)
+        damaged = [n for n, r in zip(result["files"], manifest["shards"]) if dest.size(n) != int(r["bytes"])]
+        missing = [n for n, _ in files[len(manifest["shards"]):] if not dest.exists(n)]
+        if not damaged and not missing:
+            if dest.read("README.md") == card:
                 return dict(result, published=False)
-            dest.write("README.md", readme)  # same data, newer card (e.g. metrics measured since)
+            dest.write("README.md", card)  # same data, newer card (e.g. metrics measured since)
             return dict(result, published=True)
     if isinstance(dest, LocalStore):
         _publish_to_folder(dest, files)
@@ -165,6 +172,9 @@ def publish_dataset(dataset_dir: str | os.PathLike[str], prefix: str | os.PathLi
 
 def _publish_to_folder(dest: LocalStore, files: Sequence[tuple[str, Callable[[], bytes]]]) -> None:
     final = dest.path
+    if final.exists() and not (final / "manifest.json").is_file():
+        raise PublishError(f"{final}: exists and is not a published version (no manifest.json); move it away "
+                           "or publish under another version")
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.staging-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -174,7 +184,7 @@ def _publish_to_folder(dest: LocalStore, files: Sequence[tuple[str, Callable[[],
             (staging / name).write_bytes(read())
             os.chmod(staging / name, 0o644)
         os.chmod(staging, 0o755)
-        if final.exists():  # same manifest, files missing: replace the incomplete copy
+        if final.exists():  # same manifest, files missing or damaged: replace that copy
             shutil.rmtree(final)
         os.replace(staging, final)
     finally:

@@ -54,6 +54,8 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 KINDS = ("clean", "poisoned", "semantic")
+#: What a dataset (and so a published folder) may be called: one plain path component.
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 HAZARD = (
     "POISONED DATA: this dataset was deliberately perturbed to harm models trained on it. "
     "For robustness and security research only; never mix it into production training data."
@@ -190,6 +192,9 @@ def write_dataset(
         raise ShardError(f"kind: expected one of {KINDS}, got {kind!r}")
     if shard_size < 1:
         raise ShardError(f"shard_size: expected >= 1, got {shard_size}")
+    if not _DATASET_NAME.match(dataset):
+        raise ShardError(f"dataset: expected a plain name (letters, digits, '.', '_', '-'), got {dataset!r}; "
+                         "rename the output folder in params.yaml's paths")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     first = next(iter(splits.values()))
@@ -288,6 +293,9 @@ def parse_manifest(data: bytes | str, where: str) -> dict[str, Any]:
     missing = sorted({"dataset", "kind", "image", "classes", "splits", "shards", "seed", "package"} - set(manifest))
     if missing:
         raise ShardError(f"{where}: missing keys {missing}; the manifest is incomplete: regenerate the dataset")
+    if not isinstance(manifest["dataset"], str) or not _DATASET_NAME.match(manifest["dataset"]):
+        raise ShardError(f"{where}: dataset name {manifest['dataset']!r} is not a plain folder name (letters, digits, "
+                         "'.', '_', '-'); the manifest is corrupt or tampered with")
     return manifest
 
 
@@ -316,6 +324,7 @@ def verify_dataset(dataset_dir: str | os.PathLike[str]) -> list[str]:
     return problems
 
 
+_OCTAL = re.compile(rb"[0-7]*")
 _SHARD_NAME = re.compile(r"^([a-z0-9]+)-(\d{6})\.tar$")
 
 
@@ -398,11 +407,12 @@ def _ustar_members(data: bytes, where: str) -> list[tuple[str, bytes]] | None:
         header = data[pos : pos + 512]
         if header.count(0) == 512:  # end-of-archive block
             return out
-        try:
-            stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
-            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise ShardError(bad.format(f"header at byte {pos} has a non-octal field")) from None
+        if header[124] & 0x80:  # base-256 size (huge members): tarfile reads those
+            return None
+        size_field, sum_field = header[124:136].strip(b"\0 "), header[148:156].strip(b"\0 ")
+        if not _OCTAL.fullmatch(size_field) or not _OCTAL.fullmatch(sum_field) or not sum_field:
+            raise ShardError(bad.format(f"header at byte {pos} has a non-octal size or checksum"))
+        size, stored = int(size_field or b"0", 8), int(sum_field, 8)
         if stored != sum(header[:148]) + 256 + sum(header[156:]):
             raise ShardError(bad.format(f"header checksum mismatch at byte {pos}"))
         kind = header[156:157]

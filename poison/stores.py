@@ -17,6 +17,7 @@ Errors name the URL, what went wrong (missing, unreachable, denied) and what to 
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import subprocess
@@ -46,6 +47,10 @@ class Store:
         raise NotImplementedError
 
     def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def size(self, name: str) -> int | None:
+        """Bytes of file ``name``, or None when it is missing."""
         raise NotImplementedError
 
     def write(self, name: str, data: bytes) -> None:
@@ -83,6 +88,10 @@ class LocalStore(Store):
     def exists(self, name: str) -> bool:
         return (self.path / name).is_file()
 
+    def size(self, name: str) -> int | None:
+        path = self.path / name
+        return path.stat().st_size if path.is_file() else None
+
     def write(self, name: str, data: bytes) -> None:
         atomic_write_bytes(self.path / name, data)
 
@@ -112,15 +121,21 @@ class HttpStore(Store):
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ShardError(f"{url}: cannot reach the server ({reason}); check the URL and the network") from None
+        except http.client.HTTPException as exc:  # e.g. IncompleteRead: the connection dropped mid-file
+            raise ShardError(f"{url}: the transfer broke off ({type(exc).__name__}); retry, or check the server") from None
 
     def exists(self, name: str) -> bool:
+        return self.size(name) is not None
+
+    def size(self, name: str) -> int | None:
         req = urllib.request.Request(self.join(name), method="HEAD")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout):
-                return True
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                length = resp.headers.get("Content-Length")
+                return int(length) if length is not None else -1
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
-                return False
+                return None
             raise ShardError(f"{self.join(name)}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise ShardError(f"{self.join(name)}: cannot reach the server ({getattr(exc, 'reason', exc)})") from None
@@ -184,31 +199,36 @@ class S3Store(Store):
         return ShardError(f"{url}: S3 request to {endpoint} failed ({type(exc).__name__}: {exc})")
 
     def read(self, name: str) -> bytes:
+        client = self.client  # first: without boto3 this raises the "pip install 'poison[s3]'" error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+            return client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
         except (BotoCoreError, ClientError) as exc:
             raise self._error(name, exc) from None
 
     def exists(self, name: str) -> bool:
+        return self.size(name) is not None
+
+    def size(self, name: str) -> int | None:
+        client = self.client
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(name))
-            return True
+            return int(client.head_object(Bucket=self.bucket, Key=self._key(name))["ContentLength"])
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound"):
-                return False
+                return None
             raise self._error(name, exc) from None
         except BotoCoreError as exc:
             raise self._error(name, exc) from None
 
     def write(self, name: str, data: bytes) -> None:
+        client = self.client
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:  # one PUT: S3 never shows a partly written object
-            self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+            client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
         except (BotoCoreError, ClientError) as exc:
             raise self._error(name, exc) from None
 

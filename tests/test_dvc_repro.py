@@ -128,6 +128,30 @@ def test_publish_flow_pushes_and_another_project_dvc_imports_the_dataset(repro, 
                 ["git", "commit", "-q", "-m", "pipeline outputs recorded in dvc.lock; shared remote"]):
         proc = _run([str(BIN / cmd[0]) if cmd[0] == "dvc" else cmd[0], *cmd[1:]], repo, dvc_env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+    # nothing half-written or out of step with dvc.lock is ever pushed
+    from poison.config import load_params
+    from poison.publish import PublishError, dvc_push, publish
+
+    shard = repo / "data" / "shards" / "mnist5k-deepconfuse" / "train-000001.tar"
+    good = shard.read_bytes()
+    for key in ("HOME", "DVC_SITE_CACHE_DIR", "DVC_NO_ANALYTICS", "XDG_CACHE_HOME", "XDG_CONFIG_HOME"):
+        monkeypatch.setenv(key, dvc_env[key])
+    try:
+        shard.chmod(0o644)
+        shard.write_bytes(good[: len(good) // 2])
+        with pytest.raises(PublishError, match=r"train-000001\.tar.*truncated"):
+            publish(load_params(repo / "params.yaml"), repo=repo)
+    finally:
+        shard.write_bytes(good)
+    params_text = (repo / "params.yaml").read_text()
+    try:
+        (repo / "params.yaml").write_text(params_text.replace("  seeds:\n  - 0", "  seeds:\n  - 7"))
+        with pytest.raises(PublishError, match="differs from dvc.lock.*evaluate"):
+            dvc_push(repo)
+    finally:
+        (repo / "params.yaml").write_text(params_text)
+    assert not remote.exists() or not any(remote.rglob("*"))
+
     pushed = _run([sys.executable, "-m", "flows.publish"], repo, dvc_env, timeout=600)
     assert pushed.returncode == 0, (pushed.stdout + pushed.stderr)[-4000:]
     assert any(remote.rglob("*")), "dvc push wrote nothing to the remote"

@@ -288,3 +288,33 @@ def test_tar_readers_refuse_links_and_damaged_headers(fmt):
         _members(bytes(data))
     with pytest.raises(ShardError, match="unreadable tar"):
         _members(bytes(data[:300]))
+
+
+def test_negative_or_non_octal_tar_sizes_are_refused_not_looped_on():
+    import tarfile
+
+    data = bytearray(_tar([("a_00000000.cls", b"3" * 1000, tarfile.REGTYPE)], tarfile.USTAR_FORMAT))
+    data[124:136] = b"-0000001000\0"
+    data[148:156] = b" " * 8
+    data[148:155] = (b"%06o" % (sum(data[:512]))) + b"\0"  # a forged, valid checksum
+    with pytest.raises(ShardError, match="non-octal"):
+        _members(bytes(data))
+
+
+def test_partial_poisoning_refuses_a_clean_set_of_another_size(poisoned_dataset, clean_dataset, tmp_path):
+    other = tmp_path / "p"
+    shutil.copytree(poisoned_dataset, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["shards"] = m["shards"][:2]  # 200 of 210 samples
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="has 210 'train' samples.*has 200"):
+        open_dataset(other, ratio=0.5, clean=clean_dataset)
+
+
+def test_a_failed_dvc_fetch_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(ShardError, match="dvc get` failed"):
+        open_dataset("data/x", repo=str(tmp_path / "no-such-repo"))
+    assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,7 @@ from conftest import tiny_params_dict
 from poison import publish as pub
 from poison.cli import main
 from poison.config import from_dict, Params
-from poison.errors import ConfigError
+from poison.errors import ConfigError, ShardError
 from poison.loader import open_dataset
 from poison.shards import load_split, manifest_sha256, read_manifest
 
@@ -101,7 +101,8 @@ def test_a_store_copy_writes_the_manifest_last(dataset):
             self.written.append(name)
 
     rec = Recorder()
-    pub._publish_to_store(rec, pub._files(dataset, read_manifest(dataset)))
+    raw = (dataset / "manifest.json").read_bytes()
+    pub._publish_to_store(rec, pub._files(dataset, read_manifest(dataset), raw, b"card"))
     assert rec.written[-1] == "manifest.json" and rec.written[:3] == [
         "train-000000.tar", "train-000001.tar", "train-000002.tar"]
 
@@ -146,3 +147,26 @@ def test_cli_publish_without_push_copies_to_the_prefix(session_params, poisoned_
     assert (tmp_path / "pub" / read_manifest(poisoned_dataset)["dataset"] / version / "manifest.json").is_file()
     assert main(["publish", "--params", str(params_file), "--no-push"]) == 1
     assert "nothing to do" in capsys.readouterr().err
+
+
+def test_a_manifest_naming_a_path_cannot_publish_outside_the_prefix(dataset, tmp_path):
+    m = json.loads((dataset / "manifest.json").read_text())
+    m["dataset"] = "../../escape"
+    (dataset / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="not a plain folder name"):
+        pub.publish_dataset(dataset, tmp_path / "pub" / "a")
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_damaged_published_copy_is_replaced_and_a_foreign_folder_is_kept(dataset, tmp_path):
+    r = pub.publish_dataset(dataset, tmp_path / "pub", version="v1")
+    shard = Path(r["url"]) / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert pub.publish_dataset(dataset, tmp_path / "pub", version="v1")["published"]
+    assert shard.read_bytes() == (dataset / "train-000001.tar").read_bytes()
+    foreign = tmp_path / "pub" / read_manifest(dataset)["dataset"] / "v2"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(pub.PublishError, match="is not a published version"):
+        pub.publish_dataset(dataset, tmp_path / "pub", version="v2")
+    assert (foreign / "notes.txt").read_text() == "mine"
