@@ -5,11 +5,11 @@ name. It is how ``open_dataset`` streams shards and how ``publish_dataset`` copi
 
     open_store("data/shards/mnist5k")                     # a folder (or file://...)
     open_store("https://example.org/poison/mnist5k/v1")   # read-only
-    open_store("s3://bucket/prefix/mnist5k/v1")           # boto3 (``pip install 'poison[s3]'``)
+    open_store("s3://bucket/prefix/mnist5k/v1")           # s3fs (``pip install 'poison[s3]'``)
 
 S3 endpoints other than AWS (MinIO, moto, ...) come from ``endpoint_url`` or the
 standard ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` variables; credentials come from
-boto3's usual chain. DVC locations are fetched with ``dvc get`` in a subprocess
+botocore's usual chain (environment, profile, instance role). DVC locations are fetched with ``dvc get`` in a subprocess
 (``fetch_from_dvc``): the library never imports DVC.
 
 Errors name the URL, what went wrong (missing, unreachable, denied) and what to check.
@@ -145,95 +145,89 @@ class HttpStore(Store):
 
 
 class S3Store(Store):
-    """An ``s3://bucket/prefix`` (boto3; any S3-compatible endpoint)."""
+    """An ``s3://bucket/prefix`` (s3fs, as DVC's S3 remote uses; any S3-compatible endpoint)."""
 
     writable = True
 
-    def __init__(self, url: str, endpoint_url: str | None = None, client=None):
+    def __init__(self, url: str, endpoint_url: str | None = None, fs=None):
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise ShardError(f"{url}: expected s3://bucket/prefix")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        self.endpoint_url = endpoint_url
-        self._client = client
-
-    @property
-    def client(self):
-        if self._client is None:
-            try:
-                import boto3
-                from botocore.config import Config
-            except ImportError:
-                raise ShardError(f"{self.url}: s3:// locations need boto3: pip install 'poison[s3]'") from None
-            # few, short retries: an unreachable endpoint must fail in seconds, not minutes
-            config = Config(connect_timeout=5, read_timeout=TIMEOUT, retries={"max_attempts": 2, "mode": "standard"})
-            self._client = boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
-        return self._client
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self._fs = fs
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, _client=None)  # clients do not cross process boundaries
+        return dict(self.__dict__, _fs=None)  # connections do not cross process boundaries
 
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
+    @property
+    def fs(self):
+        if self._fs is None:
+            try:
+                import s3fs
+            except ImportError:
+                raise ShardError(f"{self.url}: s3:// locations need s3fs: pip install 'poison[s3]'") from None
+            # few, short retries: an unreachable endpoint must fail in seconds, not minutes
+            self._fs = s3fs.S3FileSystem(
+                endpoint_url=self.endpoint_url, skip_instance_cache=True, use_listings_cache=False,
+                config_kwargs={"connect_timeout": 5, "read_timeout": TIMEOUT,
+                               "retries": {"max_attempts": 2, "mode": "standard"}},
+            )
+        return self._fs
 
-    def _error(self, name: str, exc: Exception) -> ShardError:
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    def _path(self, name: str) -> str:
+        return "/".join(p for p in (self.bucket, self.prefix, name) if p)
 
+    def _error(self, name: str, exc: BaseException) -> ShardError:
         url = self.join(name)
-        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
-        if isinstance(exc, ClientError):
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchKey", "NotFound"):
-                return ShardError(f"{url}: not found; check the prefix (it should hold manifest.json and the shards "
-                                  "that `poison publish` copied there)")
-            if code == "NoSuchBucket":
-                return ShardError(f"{url}: bucket {self.bucket!r} does not exist at {endpoint}; create it or fix the URL")
-            return ShardError(f"{url}: S3 error {code or exc} at {endpoint}; check credentials and permissions")
-        if isinstance(exc, NoCredentialsError):
-            return ShardError(f"{url}: no AWS credentials; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
-        if isinstance(exc, EndpointConnectionError):
+        endpoint = self.endpoint_url or "AWS"
+        text = f"{type(exc).__name__}: {exc}"
+        if "NoSuchBucket" in text or "bucket does not exist" in text:
+            return ShardError(f"{url}: bucket {self.bucket!r} does not exist at {endpoint}; create it or fix the URL")
+        if isinstance(exc, FileNotFoundError):
+            return ShardError(f"{url}: not found; check the prefix (it should hold manifest.json and the shards "
+                              "that `poison publish` copied there)")
+        if isinstance(exc, PermissionError) or "Credentials" in text:
+            return ShardError(f"{url}: access denied at {endpoint} ({text}); check AWS_ACCESS_KEY_ID / "
+                              "AWS_SECRET_ACCESS_KEY or the profile, and the bucket policy")
+        if "Could not connect" in text or "ConnectTimeout" in text or "EndpointConnection" in text:
             return ShardError(f"{url}: cannot reach the S3 endpoint {endpoint} ({exc}); check endpoint_url / "
                               "AWS_ENDPOINT_URL and the network")
-        return ShardError(f"{url}: S3 request to {endpoint} failed ({type(exc).__name__}: {exc})")
+        return ShardError(f"{url}: S3 request to {endpoint} failed ({text})")
+
+    def _call(self, name: str, fn, *args):
+        fs = self.fs  # first: without s3fs this raises the "pip install 'poison[s3]'" error
+        try:
+            return fn(fs, *args)
+        except ShardError:
+            raise
+        except Exception as exc:  # s3fs/botocore raise OSError subclasses and their own types
+            raise self._error(name, exc) from None
 
     def read(self, name: str) -> bytes:
-        client = self.client  # first: without boto3 this raises the "pip install 'poison[s3]'" error
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error(name, exc) from None
+        return self._call(name, lambda fs, p: fs.cat_file(p), self._path(name))
 
     def exists(self, name: str) -> bool:
         return self.size(name) is not None
 
     def size(self, name: str) -> int | None:
-        client = self.client
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return int(client.head_object(Bucket=self.bucket, Key=self._key(name))["ContentLength"])
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound"):
+        def info(fs, p):
+            try:
+                return int(fs.info(p)["size"])
+            except FileNotFoundError as exc:
+                if "NoSuchBucket" in str(exc) or "bucket does not exist" in str(exc):
+                    raise
                 return None
-            raise self._error(name, exc) from None
-        except BotoCoreError as exc:
-            raise self._error(name, exc) from None
+        return self._call(name, info, self._path(name))
 
     def write(self, name: str, data: bytes) -> None:
-        client = self.client
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:  # one PUT: S3 never shows a partly written object
-            client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error(name, exc) from None
+        # one PUT: S3 never shows a partly written object
+        self._call(name, lambda fs, p, d: fs.pipe_file(p, d), self._path(name), data)
 
     def child(self, *parts: str) -> "S3Store":
-        return S3Store("/".join([self.url, *(p.strip("/") for p in parts)]), self.endpoint_url, self._client)
+        return S3Store("/".join([self.url, *(p.strip("/") for p in parts)]), self.endpoint_url, self._fs)
 
 
 def open_store(location: str | os.PathLike[str], *, endpoint_url: str | None = None) -> Store:

@@ -21,8 +21,8 @@ from poison.loader import open_dataset, verify_location
 from poison.publish import publish_dataset
 from poison.shards import load_split, read_manifest
 
-pytest.importorskip("boto3")
-pytest.importorskip("moto")
+import boto3  # noqa: E402  (moto[server], a dev extra, brings it; no skip: CI must run these)
+import moto  # noqa: E402,F401
 BIN = Path(sys.executable).parent
 BUCKET = "poison-test"
 
@@ -57,8 +57,6 @@ def s3(tmp_path_factory):
         mp = pytest.MonkeyPatch()
         for k, v in env.items():
             mp.setenv(k, v)
-        import boto3
-
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         yield endpoint, env
         mp.undo()
@@ -100,8 +98,6 @@ def test_publish_to_s3_and_stream_back(s3, poisoned_dataset, clean_dataset):
     r = publish_dataset(poisoned_dataset, f"s3://{BUCKET}/pub", version="v1")
     name = read_manifest(poisoned_dataset)["dataset"]
     assert r["published"] and r["url"] == f"s3://{BUCKET}/pub/{name}/v1"
-    import boto3
-
     keys = sorted(o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="pub/")["Contents"])
     assert keys == sorted(f"pub/{name}/v1/{f}" for f in
                           ["manifest.json", "README.md", "train.wids.json", "train-000000.tar", "train-000001.tar",
@@ -128,8 +124,6 @@ def test_publish_to_s3_and_stream_back(s3, poisoned_dataset, clean_dataset):
 
 
 def test_tampered_s3_object_is_refused_and_named(s3, poisoned_dataset):
-    import boto3
-
     r = publish_dataset(poisoned_dataset, f"s3://{BUCKET}/tamper", version="v1")
     name = read_manifest(poisoned_dataset)["dataset"]
     key = f"tamper/{name}/v1/train-000001.tar"
