@@ -203,7 +203,7 @@ def dvc_push(repo: str | os.PathLike[str] = ".", *, remote: str | None = None,
     With ``check_status`` it first requires ``dvc status`` to report the workspace in step
     with dvc.lock, so outputs of an interrupted or modified run are never pushed.
     """
-    repo = Path(repo)
+    repo = Path(repo).resolve()
     dvc = [sys.executable, "-m", "dvc"]
 
     def run(args: list[str]) -> subprocess.CompletedProcess:

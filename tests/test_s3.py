@@ -92,6 +92,20 @@ def test_dvc_push_and_pull_through_s3(s3, poisoned_dataset, tmp_path):
     for f in sorted(poisoned_dataset.iterdir()):
         assert (proj / "data" / "poisoned" / f.name).read_bytes() == f.read_bytes()
 
+    # an unreachable remote is a clear error naming the endpoint
+    from poison.publish import PublishError, dvc_push
+
+    _run(dvc + ["remote", "add", "gone", f"s3://{BUCKET}/x"], proj, env)
+    _run(dvc + ["remote", "modify", "gone", "endpointurl", f"http://127.0.0.1:{_free_port()}"], proj, env)
+    mp = pytest.MonkeyPatch()
+    for key in ("HOME", "DVC_SITE_CACHE_DIR", "DVC_NO_ANALYTICS"):
+        mp.setenv(key, env[key])
+    try:
+        with pytest.raises(PublishError, match=r"`dvc push --remote gone` failed.*Could not connect to the endpoint"):
+            dvc_push(proj, remote="gone", check_status=False)
+    finally:
+        mp.undo()
+
 
 def test_publish_to_s3_and_stream_back(s3, poisoned_dataset, clean_dataset):
     endpoint, _ = s3
