@@ -187,3 +187,37 @@ def test_publish_flow_pushes_and_another_project_dvc_imports_the_dataset(repro, 
     assert sum(m["poisoned"] for _, _, m in items) == round(0.5 * len(x))
     for i, (image, _, meta) in enumerate(items):
         assert torch.equal(image, x[i] if meta["poisoned"] else xc[i])
+
+
+@pytest.mark.slow
+def test_regenerate_flow_records_pushes_tags_and_a_failure_leaves_the_workspace_as_it_was(repro, dvc_env, tmp_path):
+    repo, _ = repro
+    remote = tmp_path / "remote"
+    for cmd in ([str(BIN / "dvc"), "remote", "add", "-d", "-f", "local", str(remote)], ["git", "add", "-A"],
+                ["git", "commit", "-q", "--allow-empty", "-m", "remote for regenerate"]):
+        proc = _run(cmd, repo, dvc_env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    ok = _run([sys.executable, "-m", "flows.regenerate", "--tag", "data-v1"], repo, dvc_env, timeout=600)
+    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-4000:]
+    assert any(remote.rglob("*")), "regenerate pushed nothing"
+    tags = _run(["git", "tag", "--points-at", "HEAD"], repo, dvc_env).stdout.split()
+    assert "data-v1" in tags
+
+    clean = repo / "data" / "shards" / "mnist5k"
+    before = {p.name: p.read_bytes() for p in sorted(clean.iterdir())}
+    lock = (repo / "dvc.lock").read_bytes()
+    params_text = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(params_text)
+    params["data"]["shard_size"] = 50   # prepare reruns and rewrites the clean shards ...
+    params["device"] = "cuda:99"        # ... then train_generator fails on a device no machine has
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        bad = _run([sys.executable, "-m", "flows.regenerate", "--no-pull", "--no-push"], repo, dvc_env, timeout=600)
+        log = bad.stdout + bad.stderr
+        assert bad.returncode != 0 and "Running stage 'prepare'" in log, log[-4000:]
+        assert (repo / "dvc.lock").read_bytes() == lock
+        assert {p.name: p.read_bytes() for p in sorted(clean.iterdir())} == before
+    finally:
+        (repo / "params.yaml").write_text(params_text)
+    status = _run([str(BIN / "dvc"), "status"], repo, dvc_env)
+    assert "Data and pipelines are up to date" in status.stdout + status.stderr

@@ -1,0 +1,131 @@
+"""Flow ``regenerate`` (the scheduled one): ``dvc pull`` -> ``dvc repro`` -> ``dvc push``.
+
+Keeps scheduled runs recorded in ``dvc.lock``. Optionally commits ``dvc.lock`` and the
+reports with git and tags the commit as a dataset version. A failure leaves the workspace
+as it was: ``dvc.lock`` is put back and ``dvc checkout --force`` restores every output it
+records from the DVC cache, and the reports folder (uncached metrics and plots) is put
+back from a copy taken at the start (params.yaml and code are never touched).
+
+    python -m flows.regenerate [--no-pull] [--no-push] [--commit] [--tag v2026.11.24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from poison.config import load_params
+from poison.errors import PoisonError
+from poison.publish import PublishError, dvc_push
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = 6 * 3600) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr + proc.stdout).strip().splitlines()[-12:])
+        raise PublishError(f"{cwd}: `{' '.join(cmd[2:] if cmd[:2] == [sys.executable, '-m'] else cmd)}` failed:\n{tail}")
+    return proc.stdout + proc.stderr
+
+
+def _dvc(*args: str, cwd: Path) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+@task(name="dvc-pull", retries=2, retry_delay_seconds=30)
+def pull(repo: Path) -> str:
+    # outputs the remote does not hold yet (a first run) are rebuilt by repro, not an error
+    return _dvc("pull", "--allow-missing", cwd=repo)
+
+
+@task(name="dvc-repro")
+def repro(repo: Path) -> str:
+    return _dvc("repro", cwd=repo)
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=30)
+def push(repo: Path) -> str:
+    return dvc_push(repo)
+
+
+@task(name="git-commit")
+def commit(repo: Path, tag: str | None) -> str | None:
+    _run(["git", "add", "dvc.lock", "reports"], repo)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode != 0:
+        _run(["git", "commit", "-q", "-m", "regenerate: outputs of `dvc repro` recorded in dvc.lock"], repo)
+    if tag:
+        _run(["git", "tag", tag], repo)
+    return _run(["git", "rev-parse", "HEAD"], repo).strip()
+
+
+@flow(name="regenerate")
+def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True, git_commit: bool = False,
+               tag: str | None = None) -> dict[str, Any]:
+    """Bring the datasets up to date with params.yaml and the code, recorded in dvc.lock."""
+    log = get_run_logger()
+    root = Path(repo).resolve()
+    lock = root / "dvc.lock"
+    saved = lock.read_bytes() if lock.is_file() else None
+    # DVC deletes a stage's outputs before running it; the cached ones come back with
+    # `dvc checkout`, the uncached metrics and plots (cache: false, kept in git) from this copy
+    reports = root / load_params(root / "params.yaml").paths.reports
+    backup = Path(tempfile.mkdtemp(prefix="poison-regenerate-"))
+    if reports.is_dir():
+        shutil.copytree(reports, backup / "reports")
+    out: dict[str, Any] = {"repo": str(root), "pulled": False, "pushed": False, "commit": None, "tag": None}
+    try:
+        if pull_first:
+            pull(root)
+            out["pulled"] = True
+        log.info("dvc repro in %s", root)
+        out["repro"] = [line for line in repro(root).splitlines() if line.startswith(("Running stage", "Stage "))]
+        if push_after:
+            push(root)
+            out["pushed"] = True
+    except BaseException:
+        log.error("regenerate failed: restoring dvc.lock and the outputs it records")
+        if saved is not None:
+            lock.write_bytes(saved)
+            subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force"], cwd=root, capture_output=True)
+        if (backup / "reports").is_dir():
+            shutil.rmtree(reports, ignore_errors=True)
+            shutil.copytree(backup / "reports", reports)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+    if git_commit or tag:
+        out["commit"] = commit(root, tag)
+        out["tag"] = tag
+    lines = ["# Regenerated", "", f"- repository: `{root}`"]
+    lines += [f"- {k}: {out[k]}" for k in ("pulled", "pushed", "commit", "tag")]
+    lines += ["", "```", *out["repro"], "```"]
+    create_markdown_artifact(key="regenerate", markdown="\n".join(lines), description="what dvc repro did")
+    return out
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.regenerate", description=regenerate.__doc__)
+    p.add_argument("--repo", default=".")
+    p.add_argument("--no-pull", action="store_true")
+    p.add_argument("--no-push", action="store_true")
+    p.add_argument("--commit", action="store_true", help="git commit dvc.lock and reports/")
+    p.add_argument("--tag", help="git tag for the commit (implies --commit)")
+    args = p.parse_args(argv)
+    try:
+        regenerate(repo=args.repo, pull_first=not args.no_pull, push_after=not args.no_push,
+                   git_commit=args.commit, tag=args.tag)
+    except PoisonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
