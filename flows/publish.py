@@ -9,18 +9,15 @@ comes from params.yaml's ``publish`` section; a run only chooses whether to push
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from poison.config import Params, load_params
-from poison.errors import PoisonError
+from poison.config import Params
 from poison.publish import PublishError, dvc_push, evaluate_metrics, publish_dataset, verify_all
-from flows.common import load_params_task
+from flows.common import load_params_task, main
 
 
 @task(name="verify-datasets")
@@ -64,19 +61,10 @@ def publish(params_path: str = "params.yaml", push_to_dvc: bool | None = None) -
     return out
 
 
-def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.publish", description=publish.__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--no-push", action="store_true", help="skip dvc push (only copy to publish.prefix)")
-    args = parser.parse_args(argv)
-    try:
-        load_params(args.params)
-        publish(params_path=args.params, push_to_dvc=False if args.no_push else None)
-    except PoisonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(main(
+        publish,
+        options=lambda p: p.add_argument("--no-push", action="store_true",
+                                         help="skip dvc push (only copy to publish.prefix)"),
+        flow_kwargs=lambda a: {"params_path": a.params, "push_to_dvc": False if a.no_push else None},
+    ))

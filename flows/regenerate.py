@@ -22,8 +22,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.common import main
 from poison.config import load_params
-from poison.errors import PoisonError
 from poison.publish import PublishError, dvc_push
 
 
@@ -110,22 +110,17 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
     return out
 
 
-def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flows.regenerate", description=regenerate.__doc__)
+def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", default=".")
     p.add_argument("--no-pull", action="store_true")
     p.add_argument("--no-push", action="store_true")
     p.add_argument("--commit", action="store_true", help="git commit dvc.lock and reports/")
     p.add_argument("--tag", help="git tag for the commit (implies --commit)")
-    args = p.parse_args(argv)
-    try:
-        regenerate(repo=args.repo, pull_first=not args.no_pull, push_after=not args.no_push,
-                   git_commit=args.commit, tag=args.tag)
-    except PoisonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(main(
+        regenerate, options=_options, params=False,
+        flow_kwargs=lambda a: {"repo": a.repo, "pull_first": not a.no_pull, "push_after": not a.no_push,
+                               "git_commit": a.commit, "tag": a.tag},
+    ))

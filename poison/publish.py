@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from poison.errors import ShardError
-from poison.shards import check_shard_bytes, dataset_card, parse_manifest, read_manifest, shard_name, verify_dataset
+from poison.card import dataset_card
+from poison.shards import check_shard_bytes, parse_manifest, read_manifest, shard_name, verify_dataset
 from poison.stores import LocalStore, Store, open_store
 from poison.utils import canonical_json, sha256_bytes, sha256_file
 
@@ -222,7 +223,7 @@ def dvc_push(repo: str | os.PathLike[str] = ".", *, remote: str | None = None,
             raise PublishError(f"{repo}: could not read `dvc status --json` output: {_tail(proc)}") from None
         if status:
             stages = ", ".join(sorted(status))
-            raise PublishError(f"{repo}: the workspace differs from dvc.lock ({stages}); run `dvc repro` to finish "
+            raise PublishError(f"{repo}: the workspace is out of step with the lock file dvc.lock ({stages}); run `dvc repro` to finish "
                                "the pipeline before publishing; nothing was pushed")
     args = ["push", *(["--remote", remote] if remote else []), *targets]
     proc = run(args)

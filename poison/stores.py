@@ -18,6 +18,7 @@ Errors name the URL, what went wrong (missing, unreachable, denied) and what to 
 from __future__ import annotations
 
 import http.client
+from abc import ABC, abstractmethod
 import os
 import shutil
 import subprocess
@@ -37,27 +38,30 @@ __all__ = ["Store", "LocalStore", "HttpStore", "S3Store", "open_store", "fetch_f
 TIMEOUT = 30
 
 
-class Store:
+class Store(ABC):
     """Files of one prefix, by name (no ``/`` needed in names, but allowed for children)."""
 
     url: str
     writable = False
 
+    @abstractmethod
     def read(self, name: str) -> bytes:
-        raise NotImplementedError
+        """Return the bytes of file ``name``; ``ShardError`` naming the URL if missing or unreachable."""
 
+    @abstractmethod
     def exists(self, name: str) -> bool:
-        raise NotImplementedError
+        """Whether file ``name`` is there."""
 
+    @abstractmethod
     def size(self, name: str) -> int | None:
         """Bytes of file ``name``, or None when it is missing."""
-        raise NotImplementedError
 
     def write(self, name: str, data: bytes) -> None:
         raise ShardError(f"{self.url}: read-only location; publish to a folder or an s3:// prefix")
 
+    @abstractmethod
     def child(self, *parts: str) -> "Store":
-        raise NotImplementedError
+        """The store of a sub-prefix."""
 
     def join(self, name: str) -> str:
         return f"{self.url.rstrip('/')}/{name}"

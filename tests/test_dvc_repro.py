@@ -146,7 +146,7 @@ def test_publish_flow_pushes_and_another_project_dvc_imports_the_dataset(repro, 
     params_text = (repo / "params.yaml").read_text()
     try:
         (repo / "params.yaml").write_text(params_text.replace("  seeds:\n  - 0", "  seeds:\n  - 7"))
-        with pytest.raises(PublishError, match="differs from dvc.lock.*evaluate"):
+        with pytest.raises(PublishError, match="out of step with the lock file dvc.lock.*evaluate"):
             dvc_push(repo)
     finally:
         (repo / "params.yaml").write_text(params_text)
