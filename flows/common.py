@@ -1,21 +1,85 @@
-"""Shared pieces of the flows: the params task and the command-line entry point."""
+"""Shared pieces of the flows: the params task, fan-out on the configured task runner, the CLI."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from poison.config import Params, load_params
-from poison.errors import PoisonError
+from poison.config import OrchestrationConfig, Params, load_params
+from poison.errors import ConfigError, PoisonError
 
 
-@task(name="load-params")
+@task(name="load-params", cache_policy=NO_CACHE)
 def load_params_task(params_path: str) -> Params:
     """Return the validated params (fails fast, before any compute, on a bad key)."""
     return load_params(params_path)
+
+
+def task_runner(cfg: OrchestrationConfig) -> TaskRunner:
+    """Return the Prefect task runner that params.yaml's ``orchestration`` section names (not started)."""
+    if cfg.task_runner == "thread":
+        return ThreadPoolTaskRunner(max_workers=cfg.workers)
+    if cfg.task_runner == "process":
+        return ProcessPoolTaskRunner(max_workers=cfg.workers)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ConfigError("orchestration.task_runner: 'dask' needs prefect-dask, which is not installed; "
+                          "run `pip install -e \".[dask]\"` or choose thread / process") from None
+    if cfg.address is not None:
+        return DaskTaskRunner(address=cfg.address)
+    # one single-threaded worker process per slot: torch's threads come from the stage's `threads`
+    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+def fan_out(fn: Any, calls: list[dict[str, Any]], cfg: OrchestrationConfig, label: str) -> list[Any]:
+    """Run task ``fn`` once per keyword-argument dict of ``calls`` on the configured runner.
+
+    Returns the results in the order of ``calls`` (whichever finished first); the first
+    failure is raised once every call has ended. A progress artifact counts finished calls.
+    """
+    log = get_run_logger()
+    total = len(calls)
+    progress = create_progress_artifact(progress=0.0, description=f"{label}: finished tasks of {total}")
+    log.info("%s: %d tasks on the %s runner (%d workers%s)", label, total, cfg.task_runner, cfg.workers,
+             f", scheduler {cfg.address}" if cfg.address else "")
+    with _api_url_for_workers(cfg), task_runner(cfg) as runner:
+        futures = [runner.submit(fn, kwargs) for kwargs in calls]
+        for done, _ in enumerate(as_completed(futures), start=1):
+            update_progress_artifact(progress, progress=100.0 * done / max(total, 1))
+        return [f.result() for f in futures]
+
+
+@contextlib.contextmanager
+def _api_url_for_workers(cfg: OrchestrationConfig) -> Iterator[None]:
+    """Point worker processes at this run's API server while the runner starts and runs.
+
+    Without ``PREFECT_API_URL`` the flow talks to a temporary server of its own; process
+    and LocalCluster workers would each start another one (seconds each) and record their
+    task runs where nobody looks.
+    """
+    if cfg.task_runner == "thread" or cfg.address is not None or os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
 
 
 def main(flow: Callable[..., Any], argv: list[str] | None = None, *,

@@ -6,13 +6,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.common import load_params_task, main
 from poison import stages
 from poison.config import Params
 
 
-@task(name="train-deepconfuse-generator")
+@task(name="train-deepconfuse-generator", cache_policy=NO_CACHE)
 def train(params: Params) -> dict[str, Any]:
     logger = get_run_logger()
     total = params.train_generator.trials

@@ -22,7 +22,7 @@ from poison.errors import ConfigError
 from poison.models import check_classifiers
 from poison.train import TrainConfig
 
-__all__ = ["DataConfig", "PoisonConfig", "EvaluateConfig", "PathsConfig", "PublishConfig", "Params", "load_params", "from_dict", "to_dict"]
+__all__ = ["DataConfig", "PoisonConfig", "EvaluateConfig", "PathsConfig", "PublishConfig", "OrchestrationConfig", "Params", "load_params", "from_dict", "to_dict"]
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,13 @@ class PoisonConfig:
     batch_size: int = 500
     shard_size: int = 1000
     write_delta: bool = False
+    threads: int | None = 1  # torch CPU threads per shard task: part of the bytes; None = torch's default
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "shard_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        _check_threads(self.threads)
 
 
 @dataclass(frozen=True)
@@ -72,11 +74,42 @@ class EvaluateConfig:
     archs: tuple[str, ...] = ("dc_cnn",)
     seeds: tuple[int, ...] = (0,)
     recipe: TrainConfig = field(default_factory=TrainConfig)
+    threads: int | None = 1  # torch CPU threads per training run: part of the result; None = torch's default
 
     def __post_init__(self) -> None:
         check_classifiers(self.archs, "archs")
         if not self.seeds:
             raise ConfigError("seeds: expected at least one integer seed")
+        if len(set(self.archs)) != len(self.archs) or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"archs/seeds: expected no repeats, got archs {list(self.archs)}, seeds {list(self.seeds)}")
+        _check_threads(self.threads)
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads: expected null (torch's default) or an integer >= 1, got {threads}")
+
+
+@dataclass(frozen=True)
+class OrchestrationConfig:
+    """The ``orchestration`` section: how the flows fan out. Never changes a result's bytes.
+
+    Materialization (one task per shard) and evaluation (one task per architecture x
+    dataset x seed) run on this Prefect task runner.
+    """
+
+    task_runner: Literal["thread", "process", "dask"] = "thread"
+    workers: int = 2               # threads / processes / Dask LocalCluster workers
+    address: str | None = None     # dask: a running scheduler (tcp://host:8786); None = a LocalCluster
+    cache: bool = True             # reuse evaluation results of unchanged inputs and code (Prefect cache)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers: expected an integer >= 1, got {self.workers}")
+        if self.address is not None and self.task_runner != "dask":
+            raise ConfigError(f"address: a scheduler address needs task_runner dask, got task_runner {self.task_runner!r}")
+        if self.address is not None and "://" not in self.address:
+            raise ConfigError(f"address: expected a Dask scheduler URL like tcp://host:8786, got {self.address!r}")
 
 
 @dataclass(frozen=True)
@@ -143,6 +176,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
 
     def __post_init__(self) -> None:
         if self.seed < 0:

@@ -19,6 +19,7 @@ from torch import nn
 
 from poison.attacks.deepconfuse import budget_levels
 from poison.train import predict
+from poison.utils import GLOBAL_RNG_LOCK
 
 __all__ = ["perturbations", "noise_only_accuracy", "uniform_noise", "probe_accuracy"]
 
@@ -79,7 +80,7 @@ def probe_accuracy(
     a, b = train_x.flatten(1).double(), test_x.flatten(1).double()
     mean, std = a.mean(0), a.std(0).clamp_min(1e-6)
     a, b = ((a - mean) / std).float(), ((b - mean) / std).float()
-    with torch.random.fork_rng(devices=[]):
+    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         if hidden:
             probe: nn.Module = nn.Sequential(nn.Linear(a.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, num_classes))

@@ -42,6 +42,10 @@ __all__ = [
     "sample_key",
     "write_dataset",
     "write_shard",
+    "shard_file",
+    "open_staging",
+    "finish_dataset",
+    "class_counts",
     "read_manifest",
     "parse_manifest",
     "shard_name",
@@ -49,6 +53,7 @@ __all__ = [
     "verify_dataset",
     "iter_samples",
     "load_split",
+    "load_range",
     "dataset_card",
     "SAFE_EXTENSIONS",
 ]
@@ -156,7 +161,7 @@ def write_shard(path: str | os.PathLike[str], split: str, start: int, samples: S
     }
 
 
-def _class_counts(labels: torch.Tensor, num_classes: int) -> dict[str, int]:
+def class_counts(labels: torch.Tensor, num_classes: int) -> dict[str, int]:
     counts = torch.bincount(labels.long(), minlength=num_classes)
     return {str(i): int(c) for i, c in enumerate(counts.tolist())}
 
@@ -180,20 +185,14 @@ def write_dataset(
 
     The folder is built in a hidden staging folder beside ``out_dir`` and swapped in
     only when complete; a previous dataset at ``out_dir`` is replaced. Returns the manifest.
+    The same as ``open_staging`` + ``write_shard`` per shard + ``finish_dataset``, which
+    parallel writers use (the bytes do not depend on who wrote which shard).
     """
-    if kind not in KINDS:
-        raise ShardError(f"kind: expected one of {KINDS}, got {kind!r}")
     if shard_size < 1:
         raise ShardError(f"shard_size: expected >= 1, got {shard_size}")
-    if not _DATASET_NAME.match(dataset):
-        raise ShardError(f"dataset: expected a plain name (letters, digits, '.', '_', '-'), got {dataset!r}; "
-                         "rename the output folder in params.yaml's paths")
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     first = next(iter(splits.values()))
     _, c, h, w = first.images.shape
-    _remove_stale(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    staging = open_staging(out_dir, dataset, kind)
     try:
         records: list[dict[str, Any]] = []
         split_info: dict[str, Any] = {}
@@ -201,12 +200,79 @@ def write_dataset(
             if tuple(samples.images.shape[1:]) != (c, h, w):
                 raise ShardError(f"split {split!r}: image shape {tuple(samples.images.shape[1:])} differs from {(c, h, w)}")
             n = samples.images.shape[0]
-            for shard_index, begin in enumerate(range(0, max(n, 1), shard_size)):
+            for shard_index, begin in enumerate(range(0, n, shard_size)):
                 end = min(begin + shard_size, n)
-                if end <= begin:
-                    break
-                records.append(write_shard(staging / f"{split}-{shard_index:06d}.tar", split, 0, samples, begin, end))
-            split_info[split] = {"samples": n, "class_counts": _class_counts(samples.labels, len(classes))}
+                records.append(write_shard(staging / shard_file(split, shard_index), split, 0, samples, begin, end))
+            split_info[split] = {"samples": n, "class_counts": class_counts(samples.labels, len(classes))}
+        return finish_dataset(staging, out_dir, records=records, splits=split_info, image=(c, h, w),
+                              dataset=dataset, kind=kind, classes=classes, seed=seed, method=method, config=config,
+                              budget=budget, source=source, metrics=metrics)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def shard_file(split: str, index: int) -> str:
+    """Return the file name of shard ``index`` of ``split`` (``train-000003.tar``)."""
+    return f"{split}-{index:06d}.tar"
+
+
+def open_staging(out_dir: str | os.PathLike[str], dataset: str, kind: str) -> Path:
+    """Return a new hidden staging folder beside ``out_dir`` for a dataset's shards.
+
+    Leftovers of killed runs beside ``out_dir`` are removed first. Shards are written
+    into it (``write_shard``, from any process that sees the folder) and
+    ``finish_dataset`` turns it into ``out_dir``; until then nothing looks complete.
+    """
+    if kind not in KINDS:
+        raise ShardError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if not _DATASET_NAME.match(dataset):
+        raise ShardError(f"dataset: expected a plain name (letters, digits, '.', '_', '-'), got {dataset!r}; "
+                         "rename the output folder in params.yaml's paths")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+
+
+def finish_dataset(
+    staging: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    records: list[dict[str, Any]],
+    splits: dict[str, dict[str, Any]],
+    image: tuple[int, int, int],
+    dataset: str,
+    kind: str,
+    classes: Sequence[str],
+    seed: int,
+    method: str | None = None,
+    config: dict[str, Any] | None = None,
+    budget: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write manifest.json and the card into ``staging`` and swap it in as ``out_dir``.
+
+    ``records`` are ``write_shard``'s, in shard order; each must name a file in
+    ``staging`` with the recorded size (a shard a failed writer left out is caught here).
+    ``splits`` maps split -> {samples, class_counts}. Returns the manifest. On any error
+    the staging folder is removed and ``out_dir`` is left as it was.
+    """
+    staging = Path(staging)
+    out = Path(out_dir)
+    try:
+        for rec in records:
+            path = staging / rec["file"]
+            if not path.is_file() or path.stat().st_size != rec["bytes"]:
+                raise ShardError(f"{path}: shard missing or of the wrong size in the staging folder; "
+                                 "a shard writer failed: rerun the stage")
+        for split, info in splits.items():
+            got = sum(r["samples"] for r in records if r["split"] == split)
+            if got != info["samples"]:
+                raise ShardError(f"split {split!r}: the shards hold {got} samples, expected {info['samples']}; "
+                                 "a shard writer failed: rerun the stage")
+        c, h, w = image
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "dataset": dataset,
@@ -220,9 +286,9 @@ def write_dataset(
             "package": {"name": "poison", "version": __version__, "git_rev": git_revision(Path(__file__).parent)},
             "image": {"channels": c, "height": h, "width": w, "dtype": "uint8", "format": "png"},
             "classes": list(classes),
-            "splits": split_info,
+            "splits": splits,
             "shards": records,
-            "totals": {"samples": sum(s["samples"] for s in split_info.values()), "shards": len(records),
+            "totals": {"samples": sum(s["samples"] for s in splits.values()), "shards": len(records),
                        "bytes": sum(r["bytes"] for r in records)},
         }
         (staging / "manifest.json").write_text(canonical_json(manifest))
@@ -523,4 +589,42 @@ def load_split(dataset_dir: str | os.PathLike[str], split: str, verify: bool = T
     if not images:
         m = read_manifest(dataset_dir)["image"]
         return torch.zeros(0, m["channels"], m["height"], m["width"], dtype=torch.uint8), torch.zeros(0, dtype=torch.long), []
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), metas
+
+
+def load_range(dataset_dir: str | os.PathLike[str], split: str, begin: int, end: int, verify: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """Return samples ``[begin, end)`` of ``split`` like ``load_split``, reading only the shards they lie in."""
+    base = Path(dataset_dir)
+    manifest = read_manifest(base)
+    if split not in manifest["splits"]:
+        raise ShardError(f"{base}: no split {split!r}; it has {sorted(manifest['splits'])}")
+    n = manifest["splits"][split]["samples"]
+    if not 0 <= begin <= end <= n:
+        raise ShardError(f"{base}: range [{begin}, {end}) is outside split {split!r} of {n} samples")
+    shape = (manifest["image"]["channels"], manifest["image"]["height"], manifest["image"]["width"])
+    images, labels, metas = [], [], []
+    offset = 0
+    for rec in (r for r in manifest["shards"] if r["split"] == split):
+        lo, hi = offset, offset + rec["samples"]
+        offset = hi
+        if hi <= begin or lo >= end:
+            continue
+        path = _shard_path(base, rec)
+        url = str(path)
+        if verify:
+            try:
+                data: Path | bytes = path.read_bytes()
+            except OSError:
+                data = b""
+            check_shard_bytes(data, rec, url)
+        else:
+            data = path
+        for i, s in enumerate(_checked_samples(_tar_samples(data, url), rec, url, shape)):
+            if begin <= lo + i < end:
+                images.append(s["image"])
+                labels.append(s["label"])
+                metas.append(s["meta"])
+    if not images:
+        return torch.zeros(0, *shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), []
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), metas

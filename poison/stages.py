@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,10 +29,13 @@ from poison.data import load_source, stratified_split, subsample_per_class
 from poison.errors import CheckpointError, DataSourceError, PoisonError, ShardError
 from poison.evaluate import save_confusion_png, summarise, train_and_test
 from poison.models import create_generator
-from poison.shards import SplitSamples, load_split, manifest_sha256, read_manifest, write_dataset
-from poison.utils import atomic_path, atomic_write_bytes, atomic_write_json, make_generator, resolve_device
+from poison.shards import (SplitSamples, finish_dataset, load_range, load_split, manifest_sha256, open_staging,
+                           read_manifest, sample_key, shard_file, write_dataset, write_shard)
+from poison.utils import (atomic_path, atomic_write_bytes, atomic_write_json, make_generator, resolve_device, sha256_file,
+                          torch_threads)
 
-__all__ = ["prepare", "train_generator", "poison", "evaluate", "load_generator", "STAGES", "CHECKPOINT_FORMAT"]
+__all__ = ["prepare", "train_generator", "poison", "evaluate", "load_generator", "STAGES", "CHECKPOINT_FORMAT",
+           "poison_plan", "poison_shard", "poison_finish", "abandon", "evaluate_plan", "evaluate_cell", "evaluate_finish"]
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +156,19 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tupl
     return gen.to(device).eval(), ckpt
 
 
-def poison(params: Params) -> dict[str, Any]:
-    """Apply the trained generator to the clean training split; write poisoned shards."""
-    device = resolve_device(params.device)
-    gen, ckpt = load_generator(params.paths.generator, device)
+# ---------------------------------------------------------------- poison (fan-out)
+# ``poison`` = ``poison_plan`` -> ``poison_shard`` for each job -> ``poison_finish``. The flow
+# runs the shard jobs on a Prefect task runner; every job fixes its own batches and torch
+# threads, so the bytes do not depend on where or in which order the jobs ran.
+
+
+def poison_plan(params: Params) -> dict[str, Any]:
+    """Check the checkpoint against params and the clean data; open the staging folder.
+
+    Returns a small JSON-ready record: the staging folder, the shard jobs (index, begin,
+    end of the clean training split) and what the jobs check and the manifest records.
+    """
+    _, ckpt = load_generator(params.paths.generator, "cpu")
     cfg = params.train_generator
     if abs(ckpt["eps"] - cfg.eps) > 1e-12:
         raise CheckpointError(
@@ -168,91 +182,204 @@ def poison(params: Params) -> dict[str, Any]:
             f"{params.paths.generator}: trained for {ckpt['in_channels']}x{ckpt['image_size']}px images, but "
             f"{params.paths.clean} has {image['channels']}x{image['height']}px; rerun train_generator"
         )
-    if ckpt["source"]["manifest_sha256"] != manifest_sha256(params.paths.clean):
+    clean_sha = manifest_sha256(params.paths.clean)
+    if ckpt["source"]["manifest_sha256"] != clean_sha:
         raise CheckpointError(
             f"{params.paths.generator}: trained on a different clean dataset than {params.paths.clean} "
             "(manifest sha256 differs); rerun train_generator (`dvc repro`)"
         )
-    x, y, meta = load_split(params.paths.clean, "train")
+    if "train" not in clean["splits"]:
+        raise ShardError(f"{params.paths.clean}: no train split; rerun the prepare stage")
+    n = clean["splits"]["train"]["samples"]
+    size = params.poison.shard_size
+    name = Path(params.paths.poisoned).name
+    staging = open_staging(params.paths.poisoned, name, "poisoned")
+    return {
+        "staging": str(staging), "dataset": name, "clean_dataset": clean["dataset"], "samples": n, "eps": ckpt["eps"],
+        "image": [image["channels"], image["height"], image["width"]], "classes": clean["classes"],
+        "clean_manifest_sha256": clean_sha, "generator_sha256": sha256_file(params.paths.generator),
+        "config": ckpt["config"] | {"target_map": ckpt["target_map"]},
+        "jobs": [{"index": i, "begin": b, "end": min(b + size, n)} for i, b in enumerate(range(0, n, size))],
+    }
 
-    x_p = poison_images(gen, x, ckpt["eps"], device, params.poison.batch_size)
+
+def poison_shard(params: Params, plan: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """Poison clean training samples ``[job.begin, job.end)``; write shard ``job.index`` into the staging folder.
+
+    Returns the shard's manifest record and its statistics (never tensors).
+    """
+    if sha256_file(params.paths.generator) != plan["generator_sha256"]:
+        raise CheckpointError(f"{params.paths.generator}: changed while the poison stage ran; rerun it")
+    if manifest_sha256(params.paths.clean) != plan["clean_manifest_sha256"]:
+        raise ShardError(f"{params.paths.clean}: changed while the poison stage ran; rerun it")
+    with torch_threads(params.poison.threads):
+        device = resolve_device(params.device)
+        gen, ckpt = load_generator(params.paths.generator, device)
+        begin, end = job["begin"], job["end"]
+        x, y, meta = load_range(params.paths.clean, "train", begin, end)
+        x_p = poison_images(gen, x, ckpt["eps"], device, params.poison.batch_size)
     diff = (x_p.to(torch.int16) - x.to(torch.int16)).abs()
     levels = budget_levels(ckpt["eps"])
-    if int(diff.max()) > levels:  # the quantizer guarantees this; a failure here is a bug
+    if diff.numel() and int(diff.max()) > levels:  # the quantizer guarantees this; a failure here is a bug
         raise AssertionError(f"poison exceeds the budget: {int(diff.max())} > {levels} levels")
     target_map = ckpt["target_map"]
     records = []
     for i, m in enumerate(meta):
+        label = int(y[i])
         records.append({
             "kind": "poisoned", "poisoned": True, "method": "deepconfuse", "split": "train",
-            "source": clean["dataset"], "source_index": m["source_index"], "source_key": f"train_{i:08d}",
-            "label": int(y[i]), "true_label": int(y[i]),
-            "target_label": None if target_map is None else int(target_map[int(y[i])]),
+            "source": plan["clean_dataset"],
+            "source_index": m["source_index"], "source_key": sample_key("train", begin + i),
+            "label": label, "true_label": label,
+            "target_label": None if target_map is None else int(target_map[label]),
             "eps": ckpt["eps"],
         })
     deltas = (x_p.float() - x.float()) / 255.0 if params.poison.write_delta else None
-    name = Path(params.paths.poisoned).name
-    manifest = write_dataset(
-        params.paths.poisoned, {"train": SplitSamples(x_p, y, records, deltas)},
-        dataset=name, kind="poisoned", classes=clean["classes"], seed=params.seed, method="deepconfuse",
-        config=ckpt["config"] | {"target_map": target_map},
-        budget={"norm": "linf", "eps": ckpt["eps"], "levels": levels, "max_levels_used": int(diff.max()),
-                "mean_abs": float(diff.float().mean() / 255.0)},
-        source={"dataset": clean["dataset"], "path": params.paths.clean,
-                "manifest_sha256": manifest_sha256(params.paths.clean)},
-        shard_size=params.poison.shard_size,
+    samples = SplitSamples(x_p, y, records, deltas)
+    shard = write_shard(Path(plan["staging"]) / shard_file("train", job["index"]), "train", begin, samples, 0, end - begin)
+    return {"shard": shard, "class_counts": torch.bincount(y, minlength=len(plan["classes"])).tolist(),
+            "max_levels": int(diff.max()) if diff.numel() else 0, "abs_sum": int(diff.sum())}
+
+
+def poison_finish(params: Params, plan: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write the manifest and card of the shards ``results`` (in job order) and swap the dataset in."""
+    if [r["shard"]["file"] for r in results] != [shard_file("train", j["index"]) for j in plan["jobs"]]:
+        raise ShardError(f"{params.paths.poisoned}: the shard results do not match the plan's jobs; rerun the stage")
+    n = plan["samples"]
+    c, h, w = plan["image"]
+    counts = torch.tensor([r["class_counts"] for r in results], dtype=torch.long).sum(0) if results else None
+    max_levels = max((r["max_levels"] for r in results), default=0)
+    elements = n * c * h * w
+    manifest = finish_dataset(
+        plan["staging"], params.paths.poisoned, records=[r["shard"] for r in results],
+        splits={"train": {"samples": n, "class_counts": {str(i): int(v) for i, v in enumerate(
+            counts.tolist() if counts is not None else [0] * len(plan["classes"]))}}},
+        image=(c, h, w), dataset=plan["dataset"], kind="poisoned", classes=plan["classes"], seed=params.seed,
+        method="deepconfuse", config=plan["config"],
+        budget={"norm": "linf", "eps": plan["eps"], "levels": budget_levels(plan["eps"]), "max_levels_used": max_levels,
+                "mean_abs": sum(r["abs_sum"] for r in results) / max(elements, 1) / 255.0},
+        source={"dataset": plan["clean_dataset"], "path": params.paths.clean, "manifest_sha256": plan["clean_manifest_sha256"]},
     )
-    return {"path": params.paths.poisoned, "samples": manifest["totals"]["samples"],
-            "max_linf": int(diff.max()) / 255.0, "eps": ckpt["eps"]}
+    return {"path": params.paths.poisoned, "samples": manifest["totals"]["samples"], "shards": manifest["totals"]["shards"],
+            "max_linf": max_levels / 255.0, "eps": plan["eps"]}
 
 
-def evaluate(params: Params) -> dict[str, Any]:
-    """Train each downstream classifier on clean and on poisoned shards; test on clean test."""
-    device = resolve_device(params.device)
-    clean = read_manifest(params.paths.clean)
+def abandon(plan: dict[str, Any]) -> None:
+    """Remove a plan's staging folder after a failed job (the next run would sweep it anyway)."""
+    shutil.rmtree(plan["staging"], ignore_errors=True)
+
+
+def poison(params: Params) -> dict[str, Any]:
+    """Apply the trained generator to the clean training split; write poisoned shards (sequentially)."""
+    plan = poison_plan(params)
+    try:
+        results = [poison_shard(params, plan, job) for job in plan["jobs"]]
+    except BaseException:
+        abandon(plan)
+        raise
+    return poison_finish(params, plan, results)
+
+
+# -------------------------------------------------------------- evaluate (fan-out)
+# ``evaluate`` = ``evaluate_plan`` -> ``evaluate_cell`` for each (dataset, arch, seed) ->
+# ``evaluate_finish``. A cell is pure: its result depends only on the two manifests (by
+# sha256), the recipe, the threads and the code, so flows may cache it.
+
+_SPLITS: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+_SPLITS_LOCK = threading.Lock()
+
+
+def _split(path: str, split: str, sha: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of a dataset split, verified, kept for the next cell in this process."""
+    key = (str(Path(path).resolve()), split, sha)
+    with _SPLITS_LOCK:
+        if key not in _SPLITS:
+            if manifest_sha256(path) != sha:
+                raise ShardError(f"{path}: changed while the evaluate stage ran; rerun it")
+            x, y, _ = load_split(path, split)
+            while len(_SPLITS) >= 4:
+                _SPLITS.pop(next(iter(_SPLITS)))
+            _SPLITS[key] = (x, y)
+        return _SPLITS[key]
+
+
+def evaluate_plan(params: Params) -> dict[str, Any]:
+    """Check that the poisoned dataset was made from the clean one; return the cells to train."""
+    read_manifest(params.paths.clean)
     poisoned = read_manifest(params.paths.poisoned)
-    if poisoned["source"]["manifest_sha256"] != manifest_sha256(params.paths.clean):
+    clean_sha = manifest_sha256(params.paths.clean)
+    if poisoned["source"]["manifest_sha256"] != clean_sha:
         raise ShardError(
             f"{params.paths.poisoned}: made from a different clean dataset than {params.paths.clean}; "
             "rerun the poison stage (`dvc repro`)"
         )
-    classes = clean["classes"]
-    k = len(classes)
-    x_tr, y_tr, _ = load_split(params.paths.clean, "train")
-    x_te, y_te, _ = load_split(params.paths.clean, "test")
-    x_p, y_p, _ = load_split(params.paths.poisoned, "train")
-    tm = poisoned["config"].get("target_map")
+    return {
+        "manifest_sha256": {"clean": clean_sha, "poisoned": manifest_sha256(params.paths.poisoned)},
+        "cells": [{"dataset": kind, "arch": arch, "seed": seed} for kind in ("clean", "poisoned")
+                  for arch in params.evaluate.archs for seed in params.evaluate.seeds],
+    }
+
+
+def evaluate_cell(params: Params, plan: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any]:
+    """Train ``cell.arch`` from scratch (seed ``cell.seed``) on ``cell.dataset``'s training split; test on clean test."""
+    shas = plan["manifest_sha256"]
+    path = {"clean": params.paths.clean, "poisoned": params.paths.poisoned}[cell["dataset"]]
+    x, y = _split(path, "train", shas[cell["dataset"]])
+    x_te, y_te = _split(params.paths.clean, "test", shas["clean"])
+    manifest = read_manifest(params.paths.poisoned)
+    tm = manifest["config"].get("target_map")
     target_map = None if tm is None else torch.tensor(tm, dtype=torch.long)
+    with torch_threads(params.evaluate.threads):
+        m = train_and_test(x, y, x_te, y_te, arch=cell["arch"], recipe=params.evaluate.recipe, seed=cell["seed"],
+                           num_classes=len(manifest["classes"]), device=resolve_device(params.device),
+                           target_map=target_map)
+    log.info("evaluate: %s-trained %s seed %d: test accuracy %.4f", cell["dataset"], cell["arch"], cell["seed"],
+             m["accuracy"])
+    return {**cell, **m}
+
+
+def evaluate_finish(params: Params, plan: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write metrics.json and the confusion matrices from the cells' results (in plan order)."""
+    if [(r["dataset"], r["arch"], r["seed"]) for r in runs] != [(c["dataset"], c["arch"], c["seed"]) for c in plan["cells"]]:
+        raise ShardError("evaluate: the cell results do not match the plan's cells; rerun the stage")
+    shas = plan["manifest_sha256"]
+    clean = read_manifest(params.paths.clean)
+    poisoned = read_manifest(params.paths.poisoned)
+    x_tr, _ = _split(params.paths.clean, "train", shas["clean"])
+    x_p, _ = _split(params.paths.poisoned, "train", shas["poisoned"])
+    _, y_te = _split(params.paths.clean, "test", shas["clean"])
     diff = (x_p.to(torch.int16) - x_tr.to(torch.int16)).abs().max()
     eps = poisoned["budget"]["eps"]
     out: dict[str, Any] = {
         "budget": {"norm": "linf", "eps": eps, "max_linf_stored": int(diff) / 255.0,
                    "within_budget": bool(int(diff) / 255.0 <= eps + 1e-12)},
-        "target": "untargeted" if target_map is None else "label_specific",
+        "target": "untargeted" if poisoned["config"].get("target_map") is None else "label_specific",
         "recipe": to_dict(params.evaluate.recipe),
         "seeds": list(params.evaluate.seeds),
+        "threads": params.evaluate.threads,
         "test_samples": int(y_te.numel()),
         # which datasets these numbers describe (publish attaches them only to these)
-        "datasets": {"clean": {"path": params.paths.clean, "manifest_sha256": manifest_sha256(params.paths.clean)},
-                     "poisoned": {"path": params.paths.poisoned,
-                                  "manifest_sha256": manifest_sha256(params.paths.poisoned)}},
+        "datasets": {"clean": {"path": params.paths.clean, "manifest_sha256": shas["clean"]},
+                     "poisoned": {"path": params.paths.poisoned, "manifest_sha256": shas["poisoned"]}},
     }
     reports = _reports(params, "evaluate")
-    for kind, (xs, ys) in {"clean": (x_tr, y_tr), "poisoned": (x_p, y_p)}.items():
+    for kind in ("clean", "poisoned"):
         out[kind] = {}
         for arch in params.evaluate.archs:
-            runs = []
-            for seed in params.evaluate.seeds:
-                m = train_and_test(xs, ys, x_te, y_te, arch=arch, recipe=params.evaluate.recipe, seed=seed,
-                                   num_classes=k, device=device, target_map=target_map)
-                runs.append({"seed": seed, **m})
-                log.info("evaluate: %s-trained %s seed %d: test accuracy %.4f", kind, arch, seed, m["accuracy"])
-            out[kind][arch] = {**summarise(runs), "runs": runs}
-            save_confusion_png(runs[0]["confusion_matrix"], classes, reports / "confusion" / f"{kind}_{arch}.png",
-                               f"{arch} trained on {kind} data, clean test (seed {runs[0]['seed']})")
+            cells = [{k: v for k, v in r.items() if k not in ("dataset", "arch")} for r in runs
+                     if r["dataset"] == kind and r["arch"] == arch]
+            out[kind][arch] = {**summarise(cells), "runs": cells}
+            save_confusion_png(cells[0]["confusion_matrix"], clean["classes"], reports / "confusion" / f"{kind}_{arch}.png",
+                               f"{arch} trained on {kind} data, clean test (seed {cells[0]['seed']})")
     atomic_write_json(reports / "metrics.json", out)
     return {arch: {"clean": out["clean"][arch]["accuracy_mean"], "poisoned": out["poisoned"][arch]["accuracy_mean"]}
             for arch in params.evaluate.archs}
+
+
+def evaluate(params: Params) -> dict[str, Any]:
+    """Train each downstream classifier on clean and on poisoned shards; test on clean test (sequentially)."""
+    plan = evaluate_plan(params)
+    return evaluate_finish(params, plan, [evaluate_cell(params, plan, cell) for cell in plan["cells"]])
 
 
 STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {

@@ -11,6 +11,7 @@ from torch import nn
 
 from poison.errors import ConfigError
 from poison.models import create_classifier
+from poison.utils import GLOBAL_RNG_LOCK
 
 __all__ = ["TrainConfig", "build_model", "train_classifier", "predict", "to_float"]
 
@@ -49,7 +50,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def build_model(arch: str, in_channels: int, image_size: int, num_classes: int, seed: int,
                 device: torch.device, key: str = "arch") -> nn.Module:
     """Return classifier ``arch`` initialised from ``seed`` (global RNG state is restored)."""
-    with torch.random.fork_rng(devices=[]):
+    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         # CPU generator only: torch.manual_seed would also reseed (and not restore) CUDA's.
         torch.random.default_generator.manual_seed(seed)
         model = create_classifier(arch, in_channels, image_size, num_classes, key=key)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,9 @@ __all__ = [
     "sha256_bytes",
     "git_revision",
     "canonical_json",
+    "torch_threads",
+    "GLOBAL_RNG_LOCK",
+    "code_fingerprint",
 ]
 
 
@@ -129,3 +133,35 @@ def git_revision(cwd: str | os.PathLike[str] | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (rev + "-dirty" if dirty else rev) or None
+
+
+#: Held while code reseeds torch's global CPU generator (under ``fork_rng``) to build a
+#: model: tasks running in threads would otherwise interleave their draws.
+GLOBAL_RNG_LOCK = threading.RLock()
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` torch CPU threads (None: leave them), then restore them.
+
+    CPU kernels split their sums by thread, so the thread count is part of a result's
+    bytes: stages that must give the same bytes wherever they run fix it.
+    """
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def code_fingerprint() -> str:
+    """Return the sha256 of the ``poison`` package's source files (a cache key for pure tasks)."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()

@@ -52,7 +52,7 @@ from torch.func import functional_call
 from poison.errors import ConfigError
 from poison.models import GENERATORS, CLASSIFIERS, create_generator
 from poison.train import TrainConfig, build_model, predict, to_float, train_classifier
-from poison.utils import derive_seed, make_generator
+from poison.utils import GLOBAL_RNG_LOCK, derive_seed, make_generator
 
 __all__ = [
     "DeepConfuseConfig",
@@ -329,7 +329,7 @@ class DeepConfuse:
         self.seed = seed
         self.device = torch.device(device)
         self.target = Target.from_config(config, num_classes)
-        with torch.random.fork_rng(devices=[]):
+        with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(derive_seed(seed, "generator-init"))
             self.generator = create_generator(config.generator, in_channels, image_size).to(self.device)
         self.generator.eval()
