@@ -37,6 +37,12 @@ def task_runner(cfg: OrchestrationConfig) -> TaskRunner:
                           "run `pip install -e \".[dask]\"` or choose thread / process") from None
     if cfg.address is not None:
         return DaskTaskRunner(address=cfg.address)
+    import dask
+
+    # Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc hand
+    # memory back after nearly every free: torch's allocation-heavy training ran 1.7x slower
+    # than in a plain process (BENCHMARKS.md section 6). None removes it from the workers' env.
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     # one single-threaded worker process per slot: torch's threads come from the stage's `threads`
     return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
                                           "dashboard_address": None})
