@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 
 from flows.common import main
+from flows.augment import augment
 from flows.evaluate import evaluate
 from flows.poison import poison
 from flows.prepare import prepare
@@ -15,11 +16,12 @@ from flows.train_generator import train_generator
 
 @flow(name="pipeline")
 def pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
-    """prepare -> train_generator -> poison -> evaluate (each a subflow)."""
+    """prepare -> train_generator -> poison -> augment -> evaluate (each a subflow)."""
     return {
         "prepare": prepare(params_path),
         "train_generator": train_generator(params_path),
         "poison": poison(params_path),
+        "augment": augment(params_path),
         "evaluate": evaluate(params_path),
     }
 

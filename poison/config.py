@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from poison.attacks.deepconfuse import DeepConfuseConfig
+from poison.augment import AugmentConfig
 from poison.data import SOURCES
 from poison.errors import ConfigError
 from poison.models import check_classifiers
@@ -124,7 +125,7 @@ class PublishConfig:
     endpoint_url: str | None = None  # S3-compatible endpoint for prefix (None: AWS_ENDPOINT_URL or AWS)
 
     def __post_init__(self) -> None:
-        allowed = ("clean", "poisoned")
+        allowed = ("clean", "poisoned", "augmented")
         bad = [d for d in self.datasets if d not in allowed]
         if bad or not self.datasets or len(set(self.datasets)) != len(self.datasets):
             raise ConfigError(f"datasets: expected distinct names from {list(allowed)}, got {list(self.datasets)}")
@@ -146,10 +147,11 @@ class PathsConfig:
     clean: str = "data/shards/mnist5k"
     generator: str = "models/generator.pt"
     poisoned: str = "data/shards/mnist5k-deepconfuse"
+    augmented: str = "data/shards/mnist5k-sia"
     reports: str = "reports"
 
     def __post_init__(self) -> None:
-        values = {k: getattr(self, k) for k in ("clean", "generator", "poisoned", "reports")}
+        values = {k: getattr(self, k) for k in ("clean", "generator", "poisoned", "augmented", "reports")}
         for key, value in values.items():
             if not value:
                 raise ConfigError(f"{key}: expected a non-empty path")
@@ -173,6 +175,7 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     train_generator: DeepConfuseConfig = field(default_factory=DeepConfuseConfig)
     poison: PoisonConfig = field(default_factory=PoisonConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
@@ -209,6 +212,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -7,6 +7,8 @@ Stages and what they write (paths from the ``paths`` section of params.yaml):
 - ``prepare``: clean train/val/test shards of the source dataset.
 - ``train_generator``: the DeepConfuse generator checkpoint, its training curve.
 - ``poison``: poisoned training shards from the checkpoint.
+- ``augment``: semantically augmented shards (SIA): adversarial examples of the training
+  split and a long-tailed split filled with SIA variants; the attack's diagnosis.
 - ``evaluate``: downstream classifiers trained on clean and on poisoned shards,
   tested on the clean test split: metrics.json and confusion-matrix PNGs.
 """
@@ -35,7 +37,7 @@ from poison.utils import (atomic_path, atomic_write_bytes, atomic_write_json, ma
                           torch_threads)
 
 __all__ = ["prepare", "train_generator", "poison", "evaluate", "load_generator", "STAGES", "CHECKPOINT_FORMAT",
-           "poison_plan", "poison_shard", "poison_finish", "abandon", "evaluate_plan", "evaluate_cell", "evaluate_finish"]
+           "augment", "poison_plan", "poison_shard", "poison_finish", "abandon", "evaluate_plan", "evaluate_cell", "evaluate_finish"]
 
 log = logging.getLogger(__name__)
 
@@ -382,9 +384,96 @@ def evaluate(params: Params) -> dict[str, Any]:
     return evaluate_finish(params, plan, [evaluate_cell(params, plan, cell) for cell in plan["cells"]])
 
 
+# ---------------------------------------------------------------------- augment
+def augment(params: Params) -> dict[str, Any]:
+    """SIA-augmented shards (kind ``semantic``): adversarial training examples and a filled long tail.
+
+    Also writes the attack's diagnosis (attribute histogram JSON and PNG) and a summary.
+    """
+    from poison.augment import (attack_dataset, diagnosis, diagnosis_png, long_tail_indices,
+                                single_attribute_rates, tail_plan, train_victim)
+
+    cfg = params.augment
+    clean = read_manifest(params.paths.clean)
+    classes = clean["classes"]
+    k = len(classes)
+    cfg.attack.check_channels(clean["image"]["channels"], "augment.attack.attributes")
+    x, y, meta = load_split(params.paths.clean, "train")
+    x_te, y_te, _ = load_split(params.paths.clean, "test")
+    clean_sha = manifest_sha256(params.paths.clean)
+    recipe = params.evaluate.recipe
+    device = resolve_device(params.device)
+    with torch_threads(cfg.threads):
+        # (a) adversarial examples of the whole training split against a clean-trained victim
+        victim = train_victim(x, y, cfg.victim, recipe, params.seed, k, device, "augment-victim")
+        adv = attack_dataset(victim, x, y, cfg, k, make_generator(params.seed, "augment-sia"), device)
+        n_diag = min(cfg.diagnosis_samples, x.shape[0])
+        single = single_attribute_rates(victim, x[:n_diag], y[:n_diag], cfg, k, params.seed, device)
+        diag = diagnosis({key: v[:n_diag] for key, v in adv.items()}, y[:n_diag], cfg, k, single) | {
+            "all_samples": diagnosis(adv, y, cfg, k, {})}
+        test_adv = attack_dataset(victim, x_te, y_te, cfg, k, make_generator(params.seed, "augment-sia-test"), device)
+        from poison.train import predict
+
+        clean_acc = float((predict(victim, x_te).argmax(1) == y_te).float().mean())
+        # (b) a long-tailed training split, its tail filled with SIA variants against a model trained on it
+        lt = long_tail_indices(y, k, cfg.tail.imbalance_ratio, make_generator(params.seed, "augment-longtail"))
+        lt_model = train_victim(x[lt], y[lt], cfg.victim, recipe, params.seed, k, device, "augment-longtail-model")
+        src = lt[torch.tensor(tail_plan(y[lt], k, cfg.tail.share), dtype=torch.long)]
+        tail = attack_dataset(lt_model, x[src], y[src], cfg, k, make_generator(params.seed, "augment-tail"), device)
+
+    names = cfg.attack.attributes
+
+    def record(i: int, split: str, r: dict[str, torch.Tensor] | None, j: int, source_key: str) -> dict[str, Any]:
+        rec = {"kind": "semantic", "split": split, "source": clean["dataset"], "source_index": meta[i]["source_index"],
+               "source_key": source_key, "label": int(y[i]), "true_label": int(y[i]), "augmented": r is not None}
+        if r is not None:
+            rec.update(method="sia", attributes={n: float(v) for n, v in zip(names, r["attributes"][j].tolist())},
+                       image_linf=float(r["image_linf"][j]), eps=cfg.attack.eps, success=bool(r["success"][j]),
+                       steps=int(r["steps"][j]),
+                       target_label=int((y[i] + cfg.target_shift) % k) if cfg.targeted else None)
+        return rec
+
+    adv_meta = [record(i, "adversarial", adv, i, sample_key("train", i)) for i in range(x.shape[0])]
+    lt_list, src_list = lt.tolist(), src.tolist()
+    tail_meta = ([record(i, "longtail", None, 0, sample_key("train", i)) for i in lt_list]
+                 + [record(i, "longtail", tail, j, sample_key("train", i)) for j, i in enumerate(src_list)])
+    tail_images = torch.cat([x[lt], tail["images"]])
+    tail_labels = torch.cat([y[lt], y[src]])
+    name = Path(params.paths.augmented).name
+    manifest = write_dataset(
+        params.paths.augmented,
+        {"adversarial": SplitSamples(adv["images"], y, adv_meta), "longtail": SplitSamples(tail_images, tail_labels, tail_meta)},
+        dataset=name, kind="semantic", classes=classes, seed=params.seed, method="sia", config=to_dict(cfg),
+        budget={"norm": "linf", "eps": cfg.attack.eps, "attributes": dict(zip(names, cfg.attack.half_ranges())),
+                "max_image_linf_used": float(adv["image_linf"].max()) if adv["image_linf"].numel() else 0.0},
+        source={"dataset": clean["dataset"], "path": params.paths.clean, "manifest_sha256": clean_sha},
+        shard_size=cfg.shard_size,
+    )
+    reports = _reports(params, "augment")
+    lt_counts = torch.bincount(y[lt], minlength=k).tolist()
+    summary = {
+        "victim": cfg.victim, "victim_clean_test_accuracy": clean_acc,
+        "adversarial_success_rate_train": float(adv["success"].float().mean()),
+        "adversarial_success_rate_test": float(test_adv["success"].float().mean()),
+        "victim_accuracy_under_sia_test": float((~test_adv["success"]).float().mean()) if not cfg.targeted else None,
+        "single_attribute_success_rate": single,
+        "longtail": {"imbalance_ratio": cfg.tail.imbalance_ratio, "class_counts": lt_counts,
+                     "variants": len(src_list), "variant_success_rate": float(tail["success"].float().mean())
+                     if len(src_list) else None},
+        "samples": {s: v["samples"] for s, v in manifest["splits"].items()},
+    }
+    atomic_write_json(reports / "summary.json", summary)
+    atomic_write_json(reports / "diagnosis.json", diag)
+    diagnosis_png(diag, classes, reports / "diagnosis.png",
+                  f"SIA against {cfg.victim} (clean-trained): {diag['successes']}/{diag['samples']} successes")
+    return {"path": params.paths.augmented, "samples": summary["samples"],
+            "success_rate_test": summary["adversarial_success_rate_test"], "victim_clean_test_accuracy": clean_acc}
+
+
 STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {
     "prepare": prepare,
     "train_generator": train_generator,
     "poison": poison,
+    "augment": augment,
     "evaluate": evaluate,
 }

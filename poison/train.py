@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +69,14 @@ def train_classifier(
     labels: torch.Tensor,
     cfg: TrainConfig,
     generator: torch.Generator,
+    class_weights: torch.Tensor | None = None,
+    adversary: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Return ``model`` trained in place with cross-entropy on (images, labels).
+
+    ``class_weights`` (C,): weighted cross-entropy (class-balanced reweighting).
+    ``adversary(model, x, y) -> x_adv``: adversarial training, loss 0.5 CE(x) + 0.5 CE(x_adv)
+    (the adversary gets the model in eval mode and must leave its parameters alone).
 
     Shape:
         images: (N, C, H, W), uint8 or float in [0, 1]
@@ -79,6 +85,7 @@ def train_classifier(
     device = next(model.parameters()).device
     x_all = to_float(images)
     y_all = labels.long()
+    weight = None if class_weights is None else class_weights.to(device, torch.float32)
     opt = _optimizer(model.parameters(), cfg)
     model.train()
     n = x_all.shape[0]
@@ -90,7 +97,12 @@ def train_classifier(
                 continue
             x = x_all[idx].to(device, non_blocking=True)
             y = y_all[idx].to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
+            if adversary is None:
+                loss = F.cross_entropy(model(x), y, weight=weight)
+            else:
+                x_adv = adversary(model, x, y).detach()
+                model.train()
+                loss = 0.5 * F.cross_entropy(model(x), y, weight=weight) + 0.5 * F.cross_entropy(model(x_adv), y, weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

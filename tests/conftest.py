@@ -39,11 +39,14 @@ TINY = {
         "select_every": 1, "validation": {"optimizer": "adam", "lr": 0.01, "epochs": 1, "batch_size": 64},
     },
     "poison": {"batch_size": 100, "shard_size": 100, "write_delta": False},
+    "augment": {"victim": "test_cnn", "attack": {"steps": 2}, "tail": {"imbalance_ratio": 10.0, "share": 0.5},
+                "diagnosis_samples": 20, "batch_size": 100, "shard_size": 100},
     "evaluate": {"archs": ["test_cnn"], "seeds": [0],
                  "recipe": {"optimizer": "adam", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0,
                             "epochs": 1, "batch_size": 64}},
     "paths": {"clean": "data/shards/mnist5k", "generator": "models/generator.pt",
-              "poisoned": "data/shards/mnist5k-deepconfuse", "reports": "reports"},
+              "poisoned": "data/shards/mnist5k-deepconfuse", "augmented": "data/shards/mnist5k-sia",
+              "reports": "reports"},
 }
 
 
@@ -108,6 +111,13 @@ def poisoned_dataset(session_params: Params, generator_checkpoint: Path) -> Path
     """The poisoned training shards written by ``stages.poison`` from the session checkpoint."""
     stages.poison(session_params)
     return Path(session_params.paths.poisoned)
+
+
+@pytest.fixture(scope="session")
+def augmented_dataset(session_params: Params, clean_dataset: Path) -> Path:
+    """The SIA-augmented shards and diagnosis written by ``stages.augment``."""
+    stages.augment(session_params)
+    return Path(session_params.paths.augmented)
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,8 @@ def _tiny_repo_params() -> dict:
         if isinstance(params["train_generator"].get(section), dict):
             params["train_generator"][section].update(epochs=1, batch_size=64)
     params["poison"].update(batch_size=100, shard_size=100)
+    params["augment"].update(victim="test_cnn", diagnosis_samples=20, batch_size=100, shard_size=100)
+    params["augment"]["attack"].update(steps=2)
     params["evaluate"].update(archs=["test_cnn"], seeds=[0])
     params["evaluate"]["recipe"].update(epochs=1, batch_size=64)
     return params
@@ -90,7 +92,7 @@ def repro(tmp_path_factory, dvc_env):
 def test_dvc_repro_end_to_end_then_up_to_date(repro, dvc_env):
     repo, log = repro
     dvc = str(BIN / "dvc")
-    for stage in ("prepare", "train_generator", "poison", "evaluate"):
+    for stage in ("prepare", "train_generator", "poison", "augment", "evaluate"):
         assert f"Running stage '{stage}'" in log
 
     clean = repo / "data" / "shards" / "mnist5k"
@@ -110,7 +112,7 @@ def test_dvc_repro_end_to_end_then_up_to_date(repro, dvc_env):
     log2 = second.stdout + second.stderr
     assert second.returncode == 0, log2[-4000:]
     assert "Running stage" not in log2
-    for stage in ("prepare", "train_generator", "poison", "evaluate"):
+    for stage in ("prepare", "train_generator", "poison", "augment", "evaluate"):
         assert f"Stage '{stage}' didn't change" in log2
     assert "Data and pipelines are up to date" in log2
 
