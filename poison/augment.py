@@ -53,7 +53,7 @@ class AugmentConfig:
     targeted: bool = False          # true: aim at (y + target_shift) mod C
     target_shift: int = 1
     tail: TailConfig = field(default_factory=TailConfig)
-    diagnosis_samples: int = 1000   # images of the adversarial split used for single-attribute rates
+    diagnosis_samples: int = 1000   # training images (a seeded random subset) for single-attribute rates
     batch_size: int = 500
     shard_size: int = 1000
     threads: int | None = 1         # torch CPU threads: part of the bytes, as poison.threads

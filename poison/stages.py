@@ -407,10 +407,11 @@ def augment(params: Params) -> dict[str, Any]:
         # (a) adversarial examples of the whole training split against a clean-trained victim
         victim = train_victim(x, y, cfg.victim, recipe, params.seed, k, device, "augment-victim")
         adv = attack_dataset(victim, x, y, cfg, k, make_generator(params.seed, "augment-sia"), device)
-        n_diag = min(cfg.diagnosis_samples, x.shape[0])
-        single = single_attribute_rates(victim, x[:n_diag], y[:n_diag], cfg, k, params.seed, device)
-        diag = diagnosis({key: v[:n_diag] for key, v in adv.items()}, y[:n_diag], cfg, k, single) | {
-            "all_samples": diagnosis(adv, y, cfg, k, {})}
+        # single-attribute rates on a seeded random subset (the split is ordered by class)
+        sub = torch.randperm(x.shape[0], generator=make_generator(params.seed, "augment-diagnosis"))
+        sub = torch.sort(sub[: min(cfg.diagnosis_samples, x.shape[0])]).values
+        single = single_attribute_rates(victim, x[sub], y[sub], cfg, k, params.seed, device)
+        diag = diagnosis(adv, y, cfg, k, single) | {"single_attribute_samples": int(sub.numel())}
         test_adv = attack_dataset(victim, x_te, y_te, cfg, k, make_generator(params.seed, "augment-sia-test"), device)
         from poison.train import predict
 

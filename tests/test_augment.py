@@ -80,11 +80,15 @@ def test_diagnosis_counts_equal_the_successes_and_the_figure_exists(augmented):
     params, _ = augmented
     reports = Path(params.paths.reports) / "augment"
     diag = json.loads((reports / "diagnosis.json").read_text())
-    successes = sum(s["meta"]["success"] for s in iter_samples(params.paths.augmented, "adversarial"))
-    assert diag["all_samples"]["successes"] == successes
-    assert sum(diag["all_samples"]["dominant_counts"].values()) == successes
-    assert sum(diag["dominant_counts"].values()) == diag["successes"] <= params.augment.diagnosis_samples
+    samples = list(iter_samples(params.paths.augmented, "adversarial"))
+    successes = sum(s["meta"]["success"] for s in samples)
+    assert diag["samples"] == len(samples) and diag["successes"] == successes
+    assert sum(diag["dominant_counts"].values()) == successes
     assert set(diag["single_attribute_success_rate"]) == set(params.augment.attack.attributes)
+    assert diag["single_attribute_samples"] == min(params.augment.diagnosis_samples, len(samples))
+    # every class that has successes gets a usage row (the split is ordered by class)
+    per_class = {s["label"] for s in samples if s["meta"]["success"]}
+    assert {c for c, row in enumerate(diag["mean_usage_per_class"]) if row is not None} == per_class
     assert (reports / "diagnosis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
