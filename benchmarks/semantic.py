@@ -38,13 +38,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TAIL_RATIOS = (10.0, 50.0, 100.0)
 METHODS = ("plain", "oversample", "reweight", "random_attributes", "sia")
+#: candidates for the augment stage's default, to be chosen with --split val (not in the default run)
+CANDIDATES = ("sia_attributes", "sia_mix")
 
 
-def _data(clean: str) -> dict[str, Any]:
+def _data(clean: str, split: str = "test") -> dict[str, Any]:
+    """The training split and the evaluation split (``test``, or ``val`` when choosing a method)."""
     from poison.shards import load_split, read_manifest
 
     x, y, _ = load_split(clean, "train")
-    x_te, y_te, _ = load_split(clean, "test")
+    x_te, y_te, _ = load_split(clean, split)
     return {"x": x, "y": y, "x_te": x_te, "y_te": y_te, "k": len(read_manifest(clean)["classes"])}
 
 
@@ -111,14 +114,14 @@ def strength(seed: int, epochs: int, clean: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------- 2. imbalance
-def imbalance(seed: int, epochs: int, clean: str, ratio: float, method: str) -> dict[str, Any]:
+def imbalance(seed: int, epochs: int, clean: str, ratio: float, method: str, split: str = "test") -> dict[str, Any]:
     from poison.attacks.semantic import ATTRIBUTES, SIAConfig, apply_attributes
     from poison.augment import AugmentConfig, attack_dataset, long_tail_indices, tail_plan
     from poison.train import to_float
     from poison.utils import make_generator
 
     torch.set_num_threads(1)
-    d = _data(clean)
+    d = _data(clean, split)
     k = d["k"]
     lt = long_tail_indices(d["y"], k, ratio, make_generator(seed, "bench-semantic", "longtail", ratio))
     x, y = d["x"][lt], d["y"][lt]
@@ -144,17 +147,34 @@ def imbalance(seed: int, epochs: int, clean: str, ratio: float, method: str) -> 
         with torch.no_grad():
             variants = (apply_attributes(to_float(x[plan]), cfg.attributes, values) * 255).round().to(torch.uint8)
         x, y = torch.cat([x, variants]), torch.cat([y, y[plan]])
-    elif method == "sia":
+    elif method in ("sia", "sia_attributes", "sia_mix"):
+        # sia: the augment stage's variants; sia_attributes: the same attack without image-space
+        # noise (eps 0); sia_mix: every other variant SIA, the rest random attributes
         base = _train(x, y, k, seed, f"longtail-{ratio}-plain", epochs)
         plan = torch.tensor(tail_plan(y, k, 1.0), dtype=torch.long)
-        adv = attack_dataset(base, x[plan], y[plan], AugmentConfig(), k,
+        cfg = AugmentConfig()
+        if method == "sia_attributes":
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, eps=0.0))
+        adv = attack_dataset(base, x[plan], y[plan], cfg, k,
                              make_generator(seed, "bench-semantic", "sia-aug", ratio), torch.device("cpu"))
-        x, y = torch.cat([x, adv["images"]]), torch.cat([y, y[plan]])
+        variants = adv["images"]
+        if method == "sia_mix":
+            sc = SIAConfig()
+            gen = make_generator(seed, "bench-semantic", "random-aug", ratio)
+            half = torch.tensor(sc.half_ranges())
+            ident = torch.tensor([ATTRIBUTES[n].identity for n in sc.attributes])
+            values = ident + (torch.rand(plan.numel(), len(sc.attributes), generator=gen) * 2 - 1) * half
+            with torch.no_grad():
+                rand = (apply_attributes(to_float(x[plan]), sc.attributes, values) * 255).round().to(torch.uint8)
+            variants = torch.where((torch.arange(plan.numel()) % 2 == 1).view(-1, 1, 1, 1), rand, variants)
+        x, y = torch.cat([x, variants]), torch.cat([y, y[plan]])
     model = _train(x, y, k, seed, f"longtail-{ratio}-{method}", epochs, **kwargs)
     with torch.no_grad():
         pred = model(to_float(d["x_te"])).argmax(1)
     per_class = [float((pred[d["y_te"] == c] == c).float().mean()) for c in range(k)]
-    return {"seed": seed, "ratio": ratio, "method": method, "train_samples": int(y.numel()),
+    return {"seed": seed, "ratio": ratio, "method": method, "split": split, "train_samples": int(y.numel()),
             "balanced_accuracy": sum(per_class) / k, "tail_accuracy": sum(per_class[k // 2:]) / (k - k // 2),
             "overall_accuracy": float((pred == d["y_te"]).float().mean()), "per_class_accuracy": per_class}
 
@@ -210,10 +230,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if "imbalance" in result:
         rows = result["imbalance"]["runs"]
-        lines += ["**2. Long-tailed training: balanced / tail-class test accuracy, %** (mean (min-max) of 3 seeds)", "",
+        split = rows[0].get("split", "test")
+        lines += [f"**2. Long-tailed training: balanced / tail-class {split} accuracy, %** (mean (min-max) of the seeds)", "",
                   "| method | " + " | ".join(f"IR {int(r)} balanced | IR {int(r)} tail" for r in TAIL_RATIOS) + " |",
                   "|---|" + "---|---|" * len(TAIL_RATIOS)]
-        for m in METHODS:
+        for m in [m for m in (*METHODS, *CANDIDATES) if any(r["method"] == m for r in rows)]:
             cells = []
             for ratio in TAIL_RATIOS:
                 sub = [r for r in rows if r["method"] == m and r["ratio"] == ratio]
@@ -242,12 +263,17 @@ def main() -> None:
     ap.add_argument("--clean", default="data/shards/mnist5k")
     ap.add_argument("--workers", type=int, default=2, help="processes (each 1 torch thread)")
     ap.add_argument("--out", default="benchmarks/results/semantic.json")
+    ap.add_argument("--split", choices=["test", "val"], default="test",
+                    help="imbalance: where accuracy is measured (val: to choose a method; test: to report)")
+    ap.add_argument("--methods", nargs="+", choices=[*METHODS, *CANDIDATES], default=list(METHODS))
+    ap.add_argument("--ratios", nargs="+", type=float, default=list(TAIL_RATIOS))
     args = ap.parse_args()
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
     jobs: dict[str, list[tuple]] = {
         "strength": [(strength, s, args.epochs, args.clean) for s in args.seeds],
-        "imbalance": [(imbalance, s, args.epochs, args.clean, r, m) for r in TAIL_RATIOS for m in METHODS for s in args.seeds],
+        "imbalance": [(imbalance, s, args.epochs, args.clean, r, m, args.split) for r in args.ratios
+                      for m in args.methods for s in args.seeds],
         "advtrain": [(advtrain, s, args.epochs, args.clean, m) for m in ("plain", "pgd_at", "sia_at") for s in args.seeds],
     }
     with ProcessPoolExecutor(args.workers) as pool:

@@ -157,9 +157,11 @@ def _bench():
     return module
 
 
-@pytest.mark.parametrize("method", ["plain", "oversample", "reweight", "random_attributes", "sia"])
+@pytest.mark.parametrize("method", ["plain", "oversample", "reweight", "random_attributes", "sia", "sia_attributes",
+                                    "sia_mix"])
 def test_imbalance_benchmark_methods_run_on_tiny_data(clean_dataset, method):
-    r = _bench().imbalance(0, 1, str(clean_dataset), 10.0, method)
+    r = _bench().imbalance(0, 1, str(clean_dataset), 10.0, method, "val")
+    assert r["split"] == "val"
     assert 0 <= r["balanced_accuracy"] <= 1 and 0 <= r["tail_accuracy"] <= 1
     lt = 21 + 16 + 13 + 10 + 8 + 6 + 5 + 4 + 3 + 2
     assert r["train_samples"] == (lt if method in ("plain", "reweight") else 210)
