@@ -82,7 +82,7 @@ def _batched(fn, x, y, batch=500):
 # ------------------------------------------------------------------ 1. strength
 def strength(seed: int, epochs: int, clean: str) -> dict[str, Any]:
     from poison.attacks.pgd import pgd
-    from poison.attacks.semantic import ATTRIBUTES, SIAConfig, apply_attributes, sia
+    from poison.attacks.semantic import SIAConfig, apply_attributes, random_attributes, sia
     from poison.train import to_float
     from poison.utils import make_generator
 
@@ -100,9 +100,7 @@ def strength(seed: int, epochs: int, clean: str) -> dict[str, Any]:
     gen = make_generator(seed, "bench-semantic", "attributes")
     out["attributes_only"] = _rate(model, _batched(lambda a, b: sia(model, a, b, attrs_only, gen).images, x, y), y)
     gen = make_generator(seed, "bench-semantic", "random")
-    half = torch.tensor(cfg.half_ranges())
-    ident = torch.tensor([ATTRIBUTES[n].identity for n in cfg.attributes])
-    values = ident + (torch.rand(x.shape[0], len(cfg.attributes), generator=gen) * 2 - 1) * half
+    values = random_attributes(x.shape[0], cfg.attributes, cfg.half_ranges(), gen)
     with torch.no_grad():
         out["random_attributes"] = _rate(model, apply_attributes(x, cfg.attributes, values), y)
     out["single_attribute"] = {}
@@ -115,7 +113,7 @@ def strength(seed: int, epochs: int, clean: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------- 2. imbalance
 def imbalance(seed: int, epochs: int, clean: str, ratio: float, method: str, split: str = "test") -> dict[str, Any]:
-    from poison.attacks.semantic import ATTRIBUTES, SIAConfig, apply_attributes
+    from poison.attacks.semantic import SIAConfig, apply_attributes, random_attributes
     from poison.augment import AugmentConfig, attack_dataset, long_tail_indices, tail_plan
     from poison.train import to_float
     from poison.utils import make_generator
@@ -141,9 +139,7 @@ def imbalance(seed: int, epochs: int, clean: str, ratio: float, method: str, spl
         plan = torch.tensor(tail_plan(y, k, 1.0), dtype=torch.long)
         cfg = SIAConfig()
         gen = make_generator(seed, "bench-semantic", "random-aug", ratio)
-        half = torch.tensor(cfg.half_ranges())
-        ident = torch.tensor([ATTRIBUTES[n].identity for n in cfg.attributes])
-        values = ident + (torch.rand(plan.numel(), len(cfg.attributes), generator=gen) * 2 - 1) * half
+        values = random_attributes(plan.numel(), cfg.attributes, cfg.half_ranges(), gen)
         with torch.no_grad():
             variants = (apply_attributes(to_float(x[plan]), cfg.attributes, values) * 255).round().to(torch.uint8)
         x, y = torch.cat([x, variants]), torch.cat([y, y[plan]])
@@ -163,9 +159,7 @@ def imbalance(seed: int, epochs: int, clean: str, ratio: float, method: str, spl
         if method == "sia_mix":
             sc = SIAConfig()
             gen = make_generator(seed, "bench-semantic", "random-aug", ratio)
-            half = torch.tensor(sc.half_ranges())
-            ident = torch.tensor([ATTRIBUTES[n].identity for n in sc.attributes])
-            values = ident + (torch.rand(plan.numel(), len(sc.attributes), generator=gen) * 2 - 1) * half
+            values = random_attributes(plan.numel(), sc.attributes, sc.half_ranges(), gen)
             with torch.no_grad():
                 rand = (apply_attributes(to_float(x[plan]), sc.attributes, values) * 255).round().to(torch.uint8)
             variants = torch.where((torch.arange(plan.numel()) % 2 == 1).view(-1, 1, 1, 1), rand, variants)

@@ -539,18 +539,23 @@ def iter_samples(dataset_dir: str | os.PathLike[str], split: str, verify: bool =
     if not records and split not in manifest["splits"]:
         raise ShardError(f"{base}: no split {split!r}; it has {sorted(manifest['splits'])}")
     for rec in records:
-        path = _shard_path(base, rec)
-        url = str(path)
-        if verify:
-            # read once, check, then parse the same bytes: the file cannot change in between
-            try:
-                data: Path | bytes = path.read_bytes()
-            except OSError:
-                data = b""
-            check_shard_bytes(data, rec, url)
-        else:
-            data = path
-        yield from _checked_samples(_tar_samples(data, url), rec, url, shape)
+        yield from _shard_samples(base, rec, shape, verify)
+
+
+def _shard_samples(base: Path, rec: dict[str, Any], shape: tuple[int, int, int], verify: bool) -> Iterator[dict[str, Any]]:
+    """The decoded samples of one shard; with ``verify`` its size and sha256 are checked first."""
+    path = _shard_path(base, rec)
+    url = str(path)
+    if verify:
+        # read once, check, then parse the same bytes: the file cannot change in between
+        try:
+            data: Path | bytes = path.read_bytes()
+        except OSError:
+            data = b""
+        check_shard_bytes(data, rec, url)
+    else:
+        data = path
+    yield from _checked_samples(_tar_samples(data, url), rec, url, shape)
 
 
 def check_shard_bytes(data: bytes, rec: dict[str, Any], url: str) -> None:
@@ -581,15 +586,8 @@ def _checked_samples(raw_samples: Iterator[dict[str, Any]], rec: dict[str, Any],
 def load_split(dataset_dir: str | os.PathLike[str], split: str, verify: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
     """Return (images uint8 (N, C, H, W), labels int64 (N,), metadata) of one split."""
-    images, labels, metas = [], [], []
-    for s in iter_samples(dataset_dir, split, verify=verify):
-        images.append(s["image"])
-        labels.append(s["label"])
-        metas.append(s["meta"])
-    if not images:
-        m = read_manifest(dataset_dir)["image"]
-        return torch.zeros(0, m["channels"], m["height"], m["width"], dtype=torch.uint8), torch.zeros(0, dtype=torch.long), []
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), metas
+    m = read_manifest(dataset_dir)["image"]
+    return _stack(list(iter_samples(dataset_dir, split, verify=verify)), (m["channels"], m["height"], m["width"]))
 
 
 def load_range(dataset_dir: str | os.PathLike[str], split: str, begin: int, end: int, verify: bool = True
@@ -603,28 +601,21 @@ def load_range(dataset_dir: str | os.PathLike[str], split: str, begin: int, end:
     if not 0 <= begin <= end <= n:
         raise ShardError(f"{base}: range [{begin}, {end}) is outside split {split!r} of {n} samples")
     shape = (manifest["image"]["channels"], manifest["image"]["height"], manifest["image"]["width"])
-    images, labels, metas = [], [], []
+    picked: list[dict[str, Any]] = []
     offset = 0
     for rec in (r for r in manifest["shards"] if r["split"] == split):
         lo, hi = offset, offset + rec["samples"]
         offset = hi
         if hi <= begin or lo >= end:
             continue
-        path = _shard_path(base, rec)
-        url = str(path)
-        if verify:
-            try:
-                data: Path | bytes = path.read_bytes()
-            except OSError:
-                data = b""
-            check_shard_bytes(data, rec, url)
-        else:
-            data = path
-        for i, s in enumerate(_checked_samples(_tar_samples(data, url), rec, url, shape)):
-            if begin <= lo + i < end:
-                images.append(s["image"])
-                labels.append(s["label"])
-                metas.append(s["meta"])
-    if not images:
+        picked += [smp for i, smp in enumerate(_shard_samples(base, rec, shape, verify)) if begin <= lo + i < end]
+    return _stack(picked, shape)
+
+
+def _stack(samples: list[dict[str, Any]], shape: tuple[int, int, int]
+           ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """(images uint8 (N, C, H, W), labels int64 (N,), metadata) of decoded samples."""
+    if not samples:
         return torch.zeros(0, *shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), []
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), metas
+    return (torch.stack([smp["image"] for smp in samples]),
+            torch.tensor([smp["label"] for smp in samples], dtype=torch.long), [smp["meta"] for smp in samples])

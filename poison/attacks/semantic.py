@@ -34,7 +34,7 @@ from torch import nn
 
 from poison.errors import ConfigError
 
-__all__ = ["ATTRIBUTES", "Attribute", "SIAConfig", "SIAResult", "apply_attributes", "identity", "sia", "diagnose",
+__all__ = ["ATTRIBUTES", "Attribute", "SIAConfig", "SIAResult", "apply_attributes", "random_attributes", "identity", "sia", "diagnose",
            "brightness", "contrast", "gamma", "saturation", "hue", "affine"]
 
 
@@ -124,6 +124,14 @@ def identity(names: tuple[str, ...], n: int, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> torch.Tensor:
     """Attribute values (N, K) that leave every image unchanged."""
     return torch.tensor([ATTRIBUTES[k].identity for k in names], dtype=dtype, device=device).expand(n, -1).clone()
+
+
+def random_attributes(n: int, names: tuple[str, ...], half_ranges: list[float], generator: torch.Generator
+                      ) -> torch.Tensor:
+    """Attribute values (N, K) drawn uniformly in identity +- half-range (the random-attribute baseline)."""
+    half = torch.tensor(half_ranges)
+    ident = torch.tensor([ATTRIBUTES[k].identity for k in names])
+    return ident + (torch.rand(n, len(names), generator=generator) * 2 - 1) * half
 
 
 def apply_attributes(x: torch.Tensor, names: tuple[str, ...], values: torch.Tensor) -> torch.Tensor:
