@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 TAIL_RATIOS = (10.0, 50.0, 100.0)
 METHODS = ("plain", "oversample", "reweight", "random_attributes", "sia")
 #: candidates for the augment stage's default, to be chosen with --split val (not in the default run)
-CANDIDATES = ("sia_attributes", "sia_mix")
+CANDIDATES = ("sia_attributes", "sia_mix", "sia_full", "sia_full_attributes")
 
 
 def _data(clean: str, split: str = "test") -> dict[str, Any]:
@@ -143,16 +143,20 @@ def imbalance(seed: int, epochs: int, clean: str, ratio: float, method: str, spl
         with torch.no_grad():
             variants = (apply_attributes(to_float(x[plan]), cfg.attributes, values) * 255).round().to(torch.uint8)
         x, y = torch.cat([x, variants]), torch.cat([y, y[plan]])
-    elif method in ("sia", "sia_attributes", "sia_mix"):
+    elif method in ("sia", *CANDIDATES):
         # sia: the augment stage's variants; sia_attributes: the same attack without image-space
-        # noise (eps 0); sia_mix: every other variant SIA, the rest random attributes
+        # noise (eps 0); sia_mix: every other variant SIA, the rest random attributes; sia_full:
+        # the random start spans the whole range (random attributes, then SIA steps);
+        # sia_full_attributes: that without image-space noise
         base = _train(x, y, k, seed, f"longtail-{ratio}-plain", epochs)
         plan = torch.tensor(tail_plan(y, k, 1.0), dtype=torch.long)
         cfg = AugmentConfig()
-        if method == "sia_attributes":
-            import dataclasses
+        import dataclasses
 
+        if method in ("sia_attributes", "sia_full_attributes"):
             cfg = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, eps=0.0))
+        if method in ("sia_full", "sia_full_attributes"):
+            cfg = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, start_fraction=1.0))
         adv = attack_dataset(base, x[plan], y[plan], cfg, k,
                              make_generator(seed, "bench-semantic", "sia-aug", ratio), torch.device("cpu"))
         variants = adv["images"]

@@ -7,7 +7,7 @@ photometric (brightness, contrast, gamma; hue and saturation on colour images) a
 geometric (rotation, translation, scale: one affine warp through ``affine_grid`` /
 ``grid_sample``). Each transform is a pure function of (images, parameters).
 
-The attack (``sia``): from a random start in half of each attribute's range, ``steps``
+The attack (``sia``): from a random start in ``start_fraction`` (default half) of each attribute's range, ``steps``
 signed-gradient steps jointly on the attributes a (clipped to their ranges) and on an
 image-space perturbation delta (|delta|_inf <= eps), on
 
@@ -164,7 +164,8 @@ class SIAConfig:
     eps: float = 0.1            # image-space L-inf budget on [0, 1] (0 = attributes only)
     steps: int = 10
     step_scale: float = 2.5     # step = step_scale * half-range / steps (and * eps / steps)
-    random_start: bool = True   # start uniformly in half of each range
+    random_start: bool = True   # start uniformly in start_fraction of each range
+    start_fraction: float = 0.5 # random start: identity +- start_fraction * half-range (delta: +- start_fraction * eps)
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.attributes if a not in ATTRIBUTES]
@@ -189,6 +190,8 @@ class SIAConfig:
             raise ConfigError(f"steps: expected an integer >= 1, got {self.steps}")
         if not self.step_scale > 0:
             raise ConfigError(f"step_scale: expected > 0, got {self.step_scale}")
+        if not 0 <= self.start_fraction <= 1:
+            raise ConfigError(f"start_fraction: expected 0 <= start_fraction <= 1, got {self.start_fraction}")
 
     def half_ranges(self) -> list[float]:
         return [self.ranges.get(k, ATTRIBUTES[k].half_range) for k in self.attributes]
@@ -239,8 +242,8 @@ def sia(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SIAConfig, gene
     n = x.shape[0]
     if cfg.random_start:
         u = torch.rand(n, len(names), generator=generator, dtype=torch.float64).to(x.device, x.dtype)
-        a = ident + (u * 2 - 1) * half / 2 * mask
-        d = (torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device, x.dtype) * 2 - 1) * eps / 2
+        a = ident + (u * 2 - 1) * half * cfg.start_fraction * mask
+        d = (torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device, x.dtype) * 2 - 1) * eps * cfg.start_fraction
     else:
         a, d = ident.clone(), torch.zeros_like(x)
     step_a = cfg.step_scale * half / cfg.steps * mask
