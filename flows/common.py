@@ -88,6 +88,30 @@ def _api_url_for_workers(cfg: OrchestrationConfig) -> Iterator[None]:
         os.environ.pop("PREFECT_API_URL", None)
 
 
+def poison_variant_artifacts(params: Params, stage: str, path: str, keys: tuple[str, ...]) -> None:
+    """A hazard note and a table of downstream means (clean vs poisoned) for a poison variant stage."""
+    import json
+    from pathlib import Path
+
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from poison.card import HAZARD
+    from poison.shards import manifest_sha256
+
+    metrics = json.loads((Path(params.paths.reports) / stage / "metrics.json").read_text())
+    rows = [{"dataset": kind, "arch": arch, **{k: metrics[kind][arch]["mean"].get(k) for k in keys}}
+            for kind in ("clean", "poisoned") for arch in params.evaluate.archs]
+    create_table_artifact(key=f"{stage}-downstream", table=rows,
+                          description=f"downstream models trained on clean vs poisoned data (mean of {len(params.evaluate.seeds)} seeds)")
+    create_markdown_artifact(
+        key=f"{stage}-poisoned-dataset",
+        markdown="\n".join([f"# {Path(path).name}", "", f"**{HAZARD}**", "",
+                            f"- written to `{path}`, manifest sha256 `{manifest_sha256(path)}`",
+                            f"- metrics: `{Path(params.paths.reports) / stage / 'metrics.json'}`"]),
+        description=f"what the {stage} stage wrote",
+    )
+
+
 def main(flow: Callable[..., Any], argv: list[str] | None = None, *,
          options: Callable[[argparse.ArgumentParser], None] | None = None,
          flow_kwargs: Callable[[argparse.Namespace], dict[str, Any]] | None = None, params: bool = True) -> int:

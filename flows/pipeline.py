@@ -8,6 +8,9 @@ from prefect import flow
 
 from flows.common import main
 from flows.augment import augment
+from flows.compose import compose
+from flows.multilabel import multilabel
+from flows.topk import topk
 from flows.evaluate import evaluate
 from flows.poison import poison
 from flows.prepare import prepare
@@ -16,13 +19,16 @@ from flows.train_generator import train_generator
 
 @flow(name="pipeline")
 def pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
-    """prepare -> train_generator -> poison -> augment -> evaluate (each a subflow)."""
+    """prepare -> train_generator -> poison -> augment -> evaluate -> topk -> compose -> multilabel (subflows)."""
     return {
         "prepare": prepare(params_path),
         "train_generator": train_generator(params_path),
         "poison": poison(params_path),
         "augment": augment(params_path),
         "evaluate": evaluate(params_path),
+        "topk": topk(params_path),
+        "compose": compose(params_path),
+        "multilabel": multilabel(params_path),
     }
 
 

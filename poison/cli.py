@@ -174,7 +174,8 @@ def _save_grid(images: torch.Tensor, labels: torch.Tensor, clean: torch.Tensor |
     fig, axes = plt.subplots(len(classes), len(cols), figsize=(1.4 * len(cols), 1.3 * len(classes)), dpi=100,
                              squeeze=False)
     for ci in range(len(classes)):
-        hits = torch.nonzero(labels == ci).flatten()
+        # multi-label: a sample carrying label ci
+        hits = torch.nonzero(labels[:, ci] == 1 if labels.ndim == 2 else labels == ci).flatten()
         for j, col in enumerate(cols):
             ax = axes[ci, j]
             ax.set_xticks([])

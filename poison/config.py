@@ -22,6 +22,7 @@ from poison.data import SOURCES
 from poison.errors import ConfigError
 from poison.models import check_classifiers
 from poison.train import TrainConfig
+from poison.variants import ComposeConfig, MultiLabelPoisonConfig, TopKPoisonConfig
 
 __all__ = ["DataConfig", "PoisonConfig", "EvaluateConfig", "PathsConfig", "PublishConfig", "OrchestrationConfig", "Params", "load_params", "from_dict", "to_dict"]
 
@@ -148,10 +149,15 @@ class PathsConfig:
     generator: str = "models/generator.pt"
     poisoned: str = "data/shards/mnist5k-deepconfuse"
     augmented: str = "data/shards/mnist5k-sia"
+    topk_generator: str = "models/generator-topk.pt"
+    topk_poisoned: str = "data/shards/mnist5k-topk"
+    multilabel_clean: str = "data/shards/mnist5k-grid"
+    multilabel_generator: str = "models/generator-multilabel.pt"
+    multilabel_poisoned: str = "data/shards/mnist5k-grid-deepconfuse"
     reports: str = "reports"
 
     def __post_init__(self) -> None:
-        values = {k: getattr(self, k) for k in ("clean", "generator", "poisoned", "augmented", "reports")}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key, value in values.items():
             if not value:
                 raise ConfigError(f"{key}: expected a non-empty path")
@@ -177,6 +183,9 @@ class Params:
     poison: PoisonConfig = field(default_factory=PoisonConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    topk: TopKPoisonConfig = field(default_factory=TopKPoisonConfig)
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
+    multilabel: MultiLabelPoisonConfig = field(default_factory=MultiLabelPoisonConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)

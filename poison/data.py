@@ -22,7 +22,8 @@ import torch
 
 from poison.errors import ConfigError, DataSourceError
 
-__all__ = ["Dataset", "SOURCES", "load_source", "stratified_split", "subsample_per_class", "mnist5k_path"]
+__all__ = ["Dataset", "SOURCES", "load_source", "stratified_split", "subsample_per_class", "mnist5k_path",
+           "grid_composites"]
 
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 
@@ -268,3 +269,41 @@ def subsample_per_class(labels: torch.Tensor, per_class: int, generator: torch.G
         members = torch.nonzero(labels == cls).flatten()
         keep.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
     return torch.sort(torch.cat(keep)).values
+
+
+def grid_composites(images: torch.Tensor, labels: torch.Tensor, num_classes: int, count: int,
+                    generator: torch.Generator, grid: int = 2, empty: float = 0.25
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return multi-label composites of a single-label pool: images, multi-hot labels, sources.
+
+    [adapt] ALGORITHMS.md section 3: each composite is a ``grid`` x ``grid`` mosaic of pool
+    images; each cell is left blank (zeros) with probability ``empty`` (at least one cell
+    is always filled), otherwise holds a pool image drawn uniformly (with replacement).
+    Its labels are the set of classes shown, so the number of positives varies from 1 to
+    grid ** 2. Composites drawn from disjoint pools (the clean train / val / test splits)
+    never share a base image.
+
+    Shape:
+        images: (N, C, H, W) uint8; labels: (N,) int64 in [0, num_classes)
+        returns: (count, C, grid * H, grid * W) uint8, (count, num_classes) int64 in {0, 1},
+        (count, grid ** 2) int64 pool index per cell in row-major order, -1 where blank
+    """
+    if images.shape[0] == 0:
+        raise ConfigError("multilabel: the pool of base images is empty; every split needs images")
+    if grid < 1 or count < 0 or not 0 <= empty < 1:
+        raise ConfigError(f"multilabel: expected grid >= 1, count >= 0 and 0 <= empty < 1, "
+                          f"got grid={grid}, count={count}, empty={empty}")
+    n, c, h, w = images.shape
+    cells = grid * grid
+    sources = torch.randint(n, (count, cells), generator=generator)
+    blank = torch.rand(count, cells, generator=generator) < empty
+    blank[:, 0] &= ~blank.all(dim=1)  # keep at least one image per composite
+    sources = torch.where(blank, torch.full_like(sources, -1), sources)
+    tiles = torch.where(blank.view(count, cells, 1, 1, 1), torch.zeros((), dtype=images.dtype),
+                        images[sources.clamp(min=0)])
+    mosaic = tiles.view(count, grid, grid, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(count, c, grid * h, grid * w)
+    multi_hot = torch.zeros(count, num_classes, dtype=torch.long)
+    shown = torch.where(blank, torch.zeros_like(sources), labels[sources.clamp(min=0)])
+    multi_hot.scatter_add_(1, shown, (~blank).long())  # add, then clamp: cells may repeat a class
+    multi_hot.clamp_(max=1)
+    return mosaic.contiguous(), multi_hot, sources

@@ -11,7 +11,7 @@ import torch
 from poison.train import TrainConfig, build_model, predict, train_classifier
 from poison.utils import atomic_path, derive_seed, make_generator
 
-__all__ = ["confusion_matrix", "classification_metrics", "fit_classifier", "train_and_test", "save_confusion_png", "summarise"]
+__all__ = ["confusion_matrix", "classification_metrics", "multilabel_metrics", "fit_classifier", "train_and_test", "save_confusion_png", "summarise"]
 
 
 def confusion_matrix(pred: torch.Tensor, true: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -34,6 +34,35 @@ def classification_metrics(pred: torch.Tensor, true: torch.Tensor, num_classes: 
     }
     if target_map is not None:
         out["target_rate"] = float((pred == target_map[true]).float().mean())
+    return out
+
+
+def multilabel_metrics(pred: torch.Tensor, true: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, Any]:
+    """Return exact-match accuracy, Hamming loss, per-label and macro F1 of multi-label predictions.
+
+    ``target`` (N, L): a label-specific goal; adds ``target_rate``, the share of samples whose
+    predicted label vector equals it exactly (chosen labels flipped, all others kept).
+
+    Shape:
+        pred, true, target: (N, L) in {0, 1} (pred = logits > 0)
+    """
+    p, t = pred.bool(), true.bool()
+    tp = (p & t).sum(0).double()
+    fp = (p & ~t).sum(0).double()
+    fn = (~p & t).sum(0).double()
+    denom = 2 * tp + fp + fn
+    # F1 of a label never present nor predicted is undefined: None, left out of the macro mean
+    f1 = [None if float(d) == 0 else float(2 * a / d) for a, d in zip(tp, denom)]
+    defined = [v for v in f1 if v is not None]
+    out: dict[str, Any] = {
+        "exact_match": float((p == t).all(1).float().mean()),
+        "hamming_loss": float((p != t).float().mean()),
+        "per_label_f1": f1,
+        "macro_f1": sum(defined) / len(defined) if defined else None,
+        "samples": int(t.shape[0]),
+    }
+    if target is not None:
+        out["target_rate"] = float((p == target.bool()).all(1).float().mean())
     return out
 
 

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from poison.errors import ShardError
-from poison.shards import _checked_samples, _tar_samples, check_shard_bytes, parse_manifest, shard_name
+from poison.shards import _checked_samples, _tar_samples, check_shard_bytes, label_count, parse_manifest, shard_name
 from poison.stores import Store, fetch_from_dvc, open_store
 from poison.utils import make_generator, sha256_bytes
 
@@ -52,6 +52,11 @@ def poisoned_indices(n: int, ratio: float, seed: int) -> torch.Tensor:
         raise ShardError(f"ratio: expected a fraction in [0, 1], got {ratio}")
     order = torch.randperm(n, generator=make_generator(seed, "partial-poisoning"))
     return order[: round(ratio * n)].sort().values
+
+
+def _same_label(a: Any, b: Any) -> bool:
+    """Labels are ints, or int64 vectors in multi-label datasets."""
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 @dataclass
@@ -94,11 +99,13 @@ class _Source:
         data = self.store.read(name)
         if verify:
             check_shard_bytes(data, rec, url)
-        return _checked_samples(_tar_samples(data, url), rec, url, self.shape, meta)
+        return _checked_samples(_tar_samples(data, url), rec, url, self.shape, meta, label_count(self.manifest))
 
 
 class ShardDataset(IterableDataset):
     """An iterable of ``(image, label)`` (or ``(image, label, meta)``) over one split's shards.
+
+    ``label`` is an int, or an int64 0/1 vector (L,) in a multi-label dataset (manifest ``label_type``).
 
     Works with ``torch.utils.data.DataLoader``: each worker reads its own shards. Attributes:
     ``manifest`` (of the dataset), ``kind`` (clean / poisoned / semantic), ``poisoned``
@@ -164,7 +171,7 @@ class ShardDataset(IterableDataset):
                 index = start + offset
                 if self._clean is not None and not self._is_poisoned[index]:
                     poisoned, sample = sample, self._clean_sample(index, clean_cache)
-                    if sample["key"] != poisoned["key"] or sample["label"] != poisoned["label"]:
+                    if sample["key"] != poisoned["key"] or not _same_label(sample["label"], poisoned["label"]):
                         raise ShardError(
                             f"{self._clean.store.url}: sample {index} is {sample['key']!r} label {sample['label']}, "
                             f"the poisoned set has {poisoned['key']!r} label {poisoned['label']}; "
@@ -208,9 +215,11 @@ class ShardDataset(IterableDataset):
         for item in self:
             images.append(item[0])
             labels.append(item[1])
+        width = label_count(self.manifest)
         if not images:
-            return torch.zeros(0, *self._src.shape, dtype=self.dtype), torch.zeros(0, dtype=torch.long)
-        return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+            empty = torch.zeros(0, dtype=torch.long) if width is None else torch.zeros(0, width, dtype=torch.long)
+            return torch.zeros(0, *self._src.shape, dtype=self.dtype), empty
+        return torch.stack(images), (torch.tensor(labels, dtype=torch.long) if width is None else torch.stack(labels))
 
     def __repr__(self) -> str:
         extra = f", ratio={self.ratio}" if self._clean is not None else ""

@@ -3,6 +3,7 @@
 Layout of a dataset folder (DESIGN.md, data contracts)::
 
     <split>-000000.tar ...   members <key>.png (uint8), <key>.cls, <key>.json[, <key>.delta.npy]
+                             (multi-label datasets: no cls; the json's "labels" is the 0/1 vector)
     manifest.json            schema, kind, method + config, budget, seed, source, sha256 per shard
     README.md                the dataset card; poisoned data says so first
 
@@ -46,6 +47,7 @@ __all__ = [
     "open_staging",
     "finish_dataset",
     "class_counts",
+    "label_count",
     "read_manifest",
     "parse_manifest",
     "shard_name",
@@ -79,7 +81,8 @@ class SplitSamples:
 
     Shape:
         images: (N, C, H, W) uint8
-        labels: (N,) int64
+        labels: (N,) int64 class labels, or (N, L) int64 in {0, 1} for a multi-label dataset
+            (stored as the json's ``labels`` list instead of a ``cls`` member)
         metadata: N dicts (JSON-serialisable) stored as each sample's ``json`` member
         deltas: optional (N, C, H, W) float, stored as float16 ``delta.npy``
     """
@@ -95,11 +98,13 @@ class SplitSamples:
             raise ShardError(
                 f"images: expected uint8 (N, 1|3, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
             )
-        if self.labels.shape != (n,) or len(self.metadata) != n:
+        if self.labels.ndim not in (1, 2) or self.labels.shape[0] != n or len(self.metadata) != n:
             raise ShardError(
-                f"labels/metadata: expected {n} of each, got {tuple(self.labels.shape)} labels "
-                f"and {len(self.metadata)} metadata records"
+                f"labels/metadata: expected {n} of each (labels (N,) or multi-hot (N, L)), got "
+                f"{tuple(self.labels.shape)} labels and {len(self.metadata)} metadata records"
             )
+        if self.labels.ndim == 2 and not bool(((self.labels == 0) | (self.labels == 1)).all()):
+            raise ShardError("labels: a multi-label dataset's label vectors must hold only 0 and 1")
         if self.deltas is not None and self.deltas.shape != self.images.shape:
             raise ShardError(f"deltas: expected shape {tuple(self.images.shape)}, got {tuple(self.deltas.shape)}")
 
@@ -142,8 +147,10 @@ def write_shard(path: str | os.PathLike[str], split: str, start: int, samples: S
     for i in range(end - begin):
         key = sample_key(split, start + begin + i)
         meta = dict(samples.metadata[begin + i])
-        label = int(samples.labels[begin + i])
-        members.append((f"{key}.cls", str(label).encode()))
+        if samples.labels.ndim == 2:
+            meta["labels"] = [int(v) for v in samples.labels[begin + i].tolist()]
+        else:
+            members.append((f"{key}.cls", str(int(samples.labels[begin + i])).encode()))
         if samples.deltas is not None:
             members.append((f"{key}.delta.npy", _npy_bytes(samples.deltas[begin + i].numpy().astype(np.float16))))
         members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
@@ -162,7 +169,11 @@ def write_shard(path: str | os.PathLike[str], split: str, start: int, samples: S
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> dict[str, int]:
-    counts = torch.bincount(labels.long(), minlength=num_classes)
+    """Samples per class; for multi-hot labels (N, L), the samples carrying each label."""
+    if labels.ndim == 2:
+        counts = labels.long().sum(0)
+    else:
+        counts = torch.bincount(labels.long(), minlength=num_classes)
     return {str(i): int(c) for i, c in enumerate(counts.tolist())}
 
 
@@ -206,7 +217,7 @@ def write_dataset(
             split_info[split] = {"samples": n, "class_counts": class_counts(samples.labels, len(classes))}
         return finish_dataset(staging, out_dir, records=records, splits=split_info, image=(c, h, w),
                               dataset=dataset, kind=kind, classes=classes, seed=seed, method=method, config=config,
-                              budget=budget, source=source, metrics=metrics)
+                              budget=budget, source=source, metrics=metrics, multi_label=first.labels.ndim == 2)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -251,6 +262,7 @@ def finish_dataset(
     budget: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    multi_label: bool = False,
 ) -> dict[str, Any]:
     """Write manifest.json and the card into ``staging`` and swap it in as ``out_dir``.
 
@@ -286,6 +298,7 @@ def finish_dataset(
             "package": {"name": "poison", "version": __version__, "git_rev": git_revision(Path(__file__).parent)},
             "image": {"channels": c, "height": h, "width": w, "dtype": "uint8", "format": "png"},
             "classes": list(classes),
+            "label_type": "multi_label" if multi_label else "single_label",
             "splits": splits,
             "shards": records,
             "totals": {"samples": sum(s["samples"] for s in splits.values()), "shards": len(records),
@@ -489,7 +502,12 @@ def _ustar_members(data: bytes, where: str) -> list[tuple[str, bytes]] | None:
         pos = start + (size + 511) // 512 * 512
 
 
-def _decode(sample: dict[str, Any], url: str, meta: bool = True) -> dict[str, Any]:
+def label_count(manifest: dict[str, Any]) -> int | None:
+    """The length of the label vectors of a multi-label dataset; None for single-label ones."""
+    return len(manifest["classes"]) if manifest.get("label_type") == "multi_label" else None
+
+
+def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: int | None = None) -> dict[str, Any]:
     from PIL import Image
 
     key = sample["__key__"]
@@ -500,7 +518,7 @@ def _decode(sample: dict[str, Any], url: str, meta: bool = True) -> dict[str, An
             f"{url}: sample {key!r} has member(s) {unsafe}; only {sorted(SAFE_EXTENSIONS)} are read "
             "(pickle-like members can run code). Refusing this dataset."
         )
-    for need in ("png", "cls"):
+    for need in ("png", "json") if multi_label else ("png", "cls"):
         if need not in sample:
             raise ShardError(f"{url}: sample {key!r} lacks its {need!r} member")
     try:
@@ -508,8 +526,18 @@ def _decode(sample: dict[str, Any], url: str, meta: bool = True) -> dict[str, An
             if img.format != "PNG" or img.mode not in ("L", "RGB"):
                 raise ShardError(f"{url}: sample {key!r}: expected an 8-bit L or RGB PNG, got {img.format} {img.mode}")
             arr = np.array(img)  # a copy: PIL buffers are read-only
-        label = int(sample["cls"])
-        meta = json.loads(sample["json"]) if meta and "json" in sample else {}
+        if multi_label:
+            record = json.loads(sample["json"])
+            vector = record.get("labels") if isinstance(record, dict) else None
+            if (not isinstance(vector, list) or len(vector) != multi_label
+                    or any(v not in (0, 1) or isinstance(v, bool) for v in vector)):
+                raise ShardError(f"{url}: sample {key!r}: expected a json 'labels' list of {multi_label} zeros and "
+                                 "ones (a multi-label dataset); the shard is corrupt or not of this manifest")
+            label: Any = torch.tensor(vector, dtype=torch.long)
+            meta = record if meta else {}
+        else:
+            label = int(sample["cls"])
+            meta = json.loads(sample["json"]) if meta and "json" in sample else {}
     except ShardError:
         raise
     except (OSError, ValueError) as exc:
@@ -539,10 +567,11 @@ def iter_samples(dataset_dir: str | os.PathLike[str], split: str, verify: bool =
     if not records and split not in manifest["splits"]:
         raise ShardError(f"{base}: no split {split!r}; it has {sorted(manifest['splits'])}")
     for rec in records:
-        yield from _shard_samples(base, rec, shape, verify)
+        yield from _shard_samples(base, rec, shape, verify, label_count(manifest))
 
 
-def _shard_samples(base: Path, rec: dict[str, Any], shape: tuple[int, int, int], verify: bool) -> Iterator[dict[str, Any]]:
+def _shard_samples(base: Path, rec: dict[str, Any], shape: tuple[int, int, int], verify: bool,
+                   multi_label: int | None = None) -> Iterator[dict[str, Any]]:
     """The decoded samples of one shard; with ``verify`` its size and sha256 are checked first."""
     path = _shard_path(base, rec)
     url = str(path)
@@ -555,7 +584,7 @@ def _shard_samples(base: Path, rec: dict[str, Any], shape: tuple[int, int, int],
         check_shard_bytes(data, rec, url)
     else:
         data = path
-    yield from _checked_samples(_tar_samples(data, url), rec, url, shape)
+    yield from _checked_samples(_tar_samples(data, url), rec, url, shape, multi_label=multi_label)
 
 
 def check_shard_bytes(data: bytes, rec: dict[str, Any], url: str) -> None:
@@ -569,12 +598,16 @@ def check_shard_bytes(data: bytes, rec: dict[str, Any], url: str) -> None:
 
 
 def _checked_samples(raw_samples: Iterator[dict[str, Any]], rec: dict[str, Any], url: str,
-                     shape: tuple[int, int, int], meta: bool = True) -> Iterator[dict[str, Any]]:
-    """Decode a shard's raw samples, checking each image's shape and the shard's sample count."""
+                     shape: tuple[int, int, int], meta: bool = True, multi_label: int | None = None
+                     ) -> Iterator[dict[str, Any]]:
+    """Decode a shard's raw samples, checking each image's shape and the shard's sample count.
+
+    ``multi_label``: the label-vector length of a multi-label dataset (``label_count``).
+    """
     count = 0
     for raw in raw_samples:
         count += 1
-        sample = _decode(raw, url, meta)
+        sample = _decode(raw, url, meta, multi_label)
         if tuple(sample["image"].shape) != shape:
             raise ShardError(f"{url}: sample {sample['key']!r} has shape {tuple(sample['image'].shape)}, "
                              f"the manifest says {shape}; the dataset is inconsistent")
@@ -585,9 +618,11 @@ def _checked_samples(raw_samples: Iterator[dict[str, Any]], rec: dict[str, Any],
 
 def load_split(dataset_dir: str | os.PathLike[str], split: str, verify: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
-    """Return (images uint8 (N, C, H, W), labels int64 (N,), metadata) of one split."""
-    m = read_manifest(dataset_dir)["image"]
-    return _stack(list(iter_samples(dataset_dir, split, verify=verify)), (m["channels"], m["height"], m["width"]))
+    """Return (images uint8 (N, C, H, W), labels int64 (N,) or multi-hot (N, L), metadata) of one split."""
+    manifest = read_manifest(dataset_dir)
+    m = manifest["image"]
+    return _stack(list(iter_samples(dataset_dir, split, verify=verify)), (m["channels"], m["height"], m["width"]),
+                  label_count(manifest))
 
 
 def load_range(dataset_dir: str | os.PathLike[str], split: str, begin: int, end: int, verify: bool = True
@@ -608,14 +643,17 @@ def load_range(dataset_dir: str | os.PathLike[str], split: str, begin: int, end:
         offset = hi
         if hi <= begin or lo >= end:
             continue
-        picked += [smp for i, smp in enumerate(_shard_samples(base, rec, shape, verify)) if begin <= lo + i < end]
-    return _stack(picked, shape)
+        picked += [smp for i, smp in enumerate(_shard_samples(base, rec, shape, verify, label_count(manifest)))
+                   if begin <= lo + i < end]
+    return _stack(picked, shape, label_count(manifest))
 
 
-def _stack(samples: list[dict[str, Any]], shape: tuple[int, int, int]
+def _stack(samples: list[dict[str, Any]], shape: tuple[int, int, int], multi_label: int | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
-    """(images uint8 (N, C, H, W), labels int64 (N,), metadata) of decoded samples."""
+    """(images uint8 (N, C, H, W), labels int64 (N,) or (N, L), metadata) of decoded samples."""
     if not samples:
-        return torch.zeros(0, *shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), []
-    return (torch.stack([smp["image"] for smp in samples]),
-            torch.tensor([smp["label"] for smp in samples], dtype=torch.long), [smp["meta"] for smp in samples])
+        empty = torch.zeros(0, dtype=torch.long) if multi_label is None else torch.zeros(0, multi_label, dtype=torch.long)
+        return torch.zeros(0, *shape, dtype=torch.uint8), empty, []
+    labels = (torch.tensor([smp["label"] for smp in samples], dtype=torch.long) if multi_label is None
+              else torch.stack([smp["label"] for smp in samples]))
+    return torch.stack([smp["image"] for smp in samples]), labels, [smp["meta"] for smp in samples]

@@ -11,11 +11,12 @@ Stages and what they write (paths from the ``paths`` section of params.yaml):
   split and a long-tailed split filled with SIA variants; the attack's diagnosis.
 - ``evaluate``: downstream classifiers trained on clean and on poisoned shards,
   tested on the clean test split: metrics.json and confusion-matrix PNGs.
+- ``topk``, ``compose``, ``multilabel``: the ordered top-k poison, the multi-label
+  composites and their poison, each evaluated downstream (``poison.variants``).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 import threading
@@ -33,10 +34,12 @@ from poison.evaluate import save_confusion_png, summarise, train_and_test
 from poison.models import create_generator
 from poison.shards import (SplitSamples, finish_dataset, load_range, load_split, manifest_sha256, open_staging,
                            read_manifest, sample_key, shard_file, write_dataset, write_shard)
-from poison.utils import (atomic_path, atomic_write_bytes, atomic_write_json, make_generator, resolve_device, sha256_file,
+from poison.variants import compose, multilabel, save_checkpoint, topk
+from poison.utils import (atomic_path, atomic_write_json, make_generator, resolve_device, sha256_file,
                           torch_threads)
 
 __all__ = ["prepare", "train_generator", "poison", "evaluate", "load_generator", "STAGES", "CHECKPOINT_FORMAT",
+           "topk", "compose", "multilabel",
            "augment", "poison_plan", "poison_shard", "poison_finish", "abandon", "evaluate_plan", "evaluate_cell", "evaluate_finish"]
 
 log = logging.getLogger(__name__)
@@ -88,16 +91,9 @@ def train_generator(params: Params, on_trial: Callable[[TrialRecord], None] | No
     start = time.perf_counter()
     curve = attack.fit(x_tr, y_tr, x_va, y_va, on_trial=on_trial)
     seconds = time.perf_counter() - start
-    ckpt = attack.state() | {
-        "config": to_dict(cfg),
-        "seed": params.seed,
-        "source": {"dataset": clean["dataset"], "manifest_sha256": manifest_sha256(params.paths.clean)},
-    }
-    # Through memory: torch.save names its zip records after the file, and the temporary
-    # file's random name would make equal checkpoints differ in bytes.
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    atomic_write_bytes(params.paths.generator, buf.getvalue())
+    save_checkpoint(attack, to_dict(cfg), params.seed,
+                    {"dataset": clean["dataset"], "manifest_sha256": manifest_sha256(params.paths.clean)},
+                    params.paths.generator)
     reports = _reports(params, "train_generator")
     records = [vars(r) for r in curve]
     atomic_write_json(reports / "curve.json", records)
@@ -477,4 +473,7 @@ STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {
     "poison": poison,
     "augment": augment,
     "evaluate": evaluate,
+    "topk": topk,
+    "compose": compose,
+    "multilabel": multilabel,
 }

@@ -74,17 +74,24 @@ def train_classifier(
 ) -> nn.Module:
     """Return ``model`` trained in place with cross-entropy on (images, labels).
 
+    Multi-hot ``labels`` (N, L) train a multi-label model instead: binary cross-entropy on
+    its sigmoid outputs (``F.binary_cross_entropy_with_logits``), label l predicted iff z_l > 0.
     ``class_weights`` (C,): weighted cross-entropy (class-balanced reweighting).
     ``adversary(model, x, y) -> x_adv``: adversarial training, loss 0.5 CE(x) + 0.5 CE(x_adv)
     (the adversary gets the model in eval mode and must leave its parameters alone).
 
     Shape:
         images: (N, C, H, W), uint8 or float in [0, 1]
-        labels: (N,) int64
+        labels: (N,) int64, or (N, L) in {0, 1} (multi-label)
     """
     device = next(model.parameters()).device
     x_all = to_float(images)
-    y_all = labels.long()
+    multi = labels.ndim == 2
+    if multi and (class_weights is not None or adversary is not None):
+        raise ConfigError("class_weights / adversary: only for single-label training (labels (N,)), "
+                          f"got multi-hot labels of shape {tuple(labels.shape)}")
+    y_all = labels.float() if multi else labels.long()
+    loss_fn = F.binary_cross_entropy_with_logits if multi else F.cross_entropy
     weight = None if class_weights is None else class_weights.to(device, torch.float32)
     opt = _optimizer(model.parameters(), cfg)
     model.train()
@@ -97,7 +104,9 @@ def train_classifier(
                 continue
             x = x_all[idx].to(device, non_blocking=True)
             y = y_all[idx].to(device, non_blocking=True)
-            if adversary is None:
+            if multi:
+                loss = loss_fn(model(x), y)
+            elif adversary is None:
                 loss = F.cross_entropy(model(x), y, weight=weight)
             else:
                 x_adv = adversary(model, x, y).detach()

@@ -44,9 +44,23 @@ TINY = {
     "evaluate": {"archs": ["test_cnn"], "seeds": [0],
                  "recipe": {"optimizer": "adam", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0,
                             "epochs": 1, "batch_size": 64}},
+    "topk": {"generator": {
+        "generator": "test_unet", "surrogate": "test_cnn", "eps": 0.3, "target": "ordered_topk", "topk": 2,
+        "trials": 1, "batch_size": 64, "generator_lr": 0.001, "select_every": 1,
+        "pretrain": {"optimizer": "adam", "lr": 0.01, "epochs": 1, "batch_size": 64},
+        "validation": {"optimizer": "adam", "lr": 0.01, "epochs": 1, "batch_size": 64}},
+        "batch_size": 100, "shard_size": 100},
+    "compose": {"grid": 2, "empty": 0.25, "train_size": 80, "val_size": 20, "test_size": 30, "shard_size": 50},
+    "multilabel": {"generator": {
+        "generator": "test_unet", "surrogate": "test_cnn", "eps": 0.3, "target": "label_specific", "flip_labels": [0],
+        "trials": 1, "batch_size": 32, "generator_lr": 0.001, "select_every": 1,
+        "validation": {"optimizer": "adam", "lr": 0.01, "epochs": 1, "batch_size": 32}},
+        "batch_size": 100, "shard_size": 50},
     "paths": {"clean": "data/shards/mnist5k", "generator": "models/generator.pt",
               "poisoned": "data/shards/mnist5k-deepconfuse", "augmented": "data/shards/mnist5k-sia",
-              "reports": "reports"},
+              "topk_generator": "models/generator-topk.pt", "topk_poisoned": "data/shards/mnist5k-topk",
+              "multilabel_clean": "data/shards/mnist5k-grid", "multilabel_generator": "models/generator-multilabel.pt",
+              "multilabel_poisoned": "data/shards/mnist5k-grid-deepconfuse", "reports": "reports"},
 }
 
 
@@ -118,6 +132,17 @@ def augmented_dataset(session_params: Params, clean_dataset: Path) -> Path:
     """The SIA-augmented shards and diagnosis written by ``stages.augment``."""
     stages.augment(session_params)
     return Path(session_params.paths.augmented)
+
+
+@pytest.fixture(scope="session")
+def variant_datasets(session_params: Params, clean_dataset: Path) -> dict[str, Path]:
+    """The ordered top-k poison, the multi-label composites and their poison (``poison.variants``)."""
+    stages.topk(session_params)
+    stages.compose(session_params)
+    stages.multilabel(session_params)
+    p = session_params.paths
+    return {"topk": Path(p.topk_poisoned), "multilabel_clean": Path(p.multilabel_clean),
+            "multilabel": Path(p.multilabel_poisoned)}
 
 
 @pytest.fixture(scope="session")

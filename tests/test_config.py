@@ -46,9 +46,12 @@ def test_committed_params_yaml_sets_every_section_key():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(raw) == {f.name for f in dataclasses.fields(Params)}
     params = Params()
-    for section in ("data", "train_generator", "poison", "evaluate", "paths"):
+    for section in ("data", "train_generator", "poison", "evaluate", "paths", "topk", "compose", "multilabel"):
         fields = {f.name for f in dataclasses.fields(getattr(params, section))}
         assert set(raw[section]) == fields, f"params.yaml section {section!r}"
+    for section in ("topk", "multilabel"):
+        fields = {f.name for f in dataclasses.fields(getattr(params, section).generator)}
+        assert set(raw[section]["generator"]) == fields, f"params.yaml section {section}.generator"
 
 
 def test_to_dict_from_dict_round_trip():

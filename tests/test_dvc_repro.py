@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, TINY
 from poison.shards import read_manifest, verify_dataset
 
 BIN = Path(sys.executable).parent
@@ -33,6 +33,17 @@ def _tiny_repo_params() -> dict:
     params["augment"]["attack"].update(steps=2)
     params["evaluate"].update(archs=["test_cnn"], seeds=[0])
     params["evaluate"]["recipe"].update(epochs=1, batch_size=64)
+    for section in ("topk", "multilabel"):  # the poison variants: tiny generators, as conftest's TINY
+        for key, value in TINY[section].items():
+            if key == "generator":
+                for gkey, gvalue in value.items():
+                    if isinstance(gvalue, dict):
+                        params[section]["generator"][gkey].update(gvalue)
+                    else:
+                        params[section]["generator"][gkey] = gvalue
+            else:
+                params[section][key] = value
+    params["compose"].update(TINY["compose"])
     return params
 
 

@@ -214,7 +214,7 @@ def _declared_outputs(params) -> dict[str, list[str]]:
     return out
 
 
-def test_every_output_declared_in_dvc_yaml_is_written(evaluated, augmented_dataset, session_params):
+def test_every_output_declared_in_dvc_yaml_is_written(evaluated, augmented_dataset, variant_datasets, session_params):
     # dvc repro fails when a declared output is missing, e.g. a plot named after an arch
     # that params.yaml does not evaluate.
     missing = [f"{stage}: {path}" for stage, paths in _declared_outputs(session_params).items()

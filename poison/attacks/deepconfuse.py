@@ -33,6 +33,16 @@ each a keyword of ``DeepConfuseConfig``:
   gradient and the target objective's gradient on clean data (see ``align_objective``)
   instead of the authors' one-step unrolled loss.
 - ``victim_reset_every=N``: re-initialise the surrogate victim every N trials, not every trial.
+- ``target="ordered_topk"`` [adapt] (Zhang & Wu, "Adversarial Distillation for Ordered Top-k
+  Attacks", arXiv 1905.10695; ALGORITHMS.md section 2): the generator step minimises
+  KL(P_t(y) || softmax(f_theta'(x))), P the adversarial-distillation distribution of the
+  ordered list t(y) = (y + shift, y + shift + 1, ...) of ``topk`` classes, so a model trained
+  on the poison ranks that list first; scored by the share of validation images whose top-k
+  equals it. k = 1 is the label-specific poison with a soft target.
+- Multi-label data (labels (N, L) in {0, 1}; ALGORITHMS.md section 3) [adapt]: the victim
+  trains with binary cross-entropy; untargeted, the generator maximises it (scored by
+  exact-match accuracy); label-specific, it minimises the BCE to y XOR ``flip_labels``
+  (scored by the share of images whose predicted label vector is exactly that).
 """
 
 from __future__ import annotations
@@ -78,9 +88,14 @@ class DeepConfuseConfig:
     surrogate: str = "dc_cnn"
     eps: float = 0.3
     norm: Literal["linf"] = "linf"
-    target: Literal["untargeted", "label_specific"] = "untargeted"
+    target: Literal["untargeted", "label_specific", "ordered_topk"] = "untargeted"
     target_shift: int = 1
     target_map: tuple[int, ...] | None = None
+    topk: int = 3                          # ordered_topk: length of the target list
+    topk_alpha: float = 10.0               # ordered_topk: AD distribution, logit of t_1 ...
+    topk_beta: float = 0.3                 # ... minus beta per rank
+    topk_similarity: Literal["data", "none"] = "data"  # label similarity: a clean model's class means, or none
+    flip_labels: tuple[int, ...] | None = None  # multi-label, label_specific: the labels each poison flips
     untargeted_loss: Literal["ce", "log_not_true", "derangement"] = "ce"
     objective: Literal["unroll", "align"] = "unroll"
     trials: int = 10
@@ -113,11 +128,25 @@ class DeepConfuseConfig:
             raise ConfigError(
                 "target_map: only used with target: label_specific; remove it or set target: label_specific"
             )
-        if self.target == "label_specific" and self.untargeted_loss != "ce":
+        if self.target != "untargeted" and self.untargeted_loss != "ce":
             raise ConfigError(
                 f"untargeted_loss: {self.untargeted_loss!r} only applies to target: untargeted; "
                 "set it back to ce or choose target: untargeted"
             )
+        if self.target == "ordered_topk":
+            if self.target_map is not None:
+                raise ConfigError("target_map: not used with target: ordered_topk (the lists are y + shift, ...); remove it")
+            if self.topk < 1:
+                raise ConfigError(f"topk: expected an integer >= 1, got {self.topk}")
+            if not self.topk_alpha - (self.topk - 1) * self.topk_beta > 1 or self.topk_beta <= 0:
+                raise ConfigError(
+                    f"topk_alpha/topk_beta: expected beta > 0 and alpha - (topk - 1) * beta > 1 so the target "
+                    f"logits stay ordered above every similarity, got alpha {self.topk_alpha}, beta {self.topk_beta}")
+        if self.flip_labels is not None:
+            if self.target != "label_specific":
+                raise ConfigError("flip_labels: only used with target: label_specific on multi-label data; remove it")
+            if not self.flip_labels or len(set(self.flip_labels)) != len(self.flip_labels) or min(self.flip_labels) < 0:
+                raise ConfigError(f"flip_labels: expected distinct label indices >= 0, got {list(self.flip_labels)}")
         if self.target == "label_specific" and self.target_map is not None:
             if any(t < 0 for t in self.target_map) or any(t == i for i, t in enumerate(self.target_map)):
                 raise ConfigError(
@@ -185,10 +214,40 @@ class Target:
     target_map: torch.Tensor | None = None
     push_map: torch.Tensor | None = None
     untargeted_loss: str = "ce"
+    topk_lists: torch.Tensor | None = None  # ordered_topk: (C, k) the list of each true class
+    topk_dist: torch.Tensor | None = None   # ordered_topk: (C, C) its AD distribution (``with_distribution``)
+    flip: torch.Tensor | None = None        # multi-label, label-specific: (L,) 1 on the labels flipped
+    multi_label: bool = False
 
     @classmethod
-    def from_config(cls, cfg: DeepConfuseConfig, num_classes: int) -> "Target":
-        """Return the target of ``cfg`` for ``num_classes`` classes."""
+    def from_config(cls, cfg: DeepConfuseConfig, num_classes: int, multi_label: bool = False) -> "Target":
+        """Return the target of ``cfg`` for ``num_classes`` classes (labels, for multi-label data)."""
+        if multi_label:
+            if cfg.target == "ordered_topk":
+                raise ConfigError("target: ordered_topk needs single-label data; use untargeted or label_specific "
+                                  "(with flip_labels) on multi-label data")
+            if cfg.target == "label_specific":
+                if cfg.flip_labels is None or max(cfg.flip_labels) >= num_classes:
+                    raise ConfigError(f"flip_labels: multi-label label_specific needs the labels to flip, indices in "
+                                      f"[0, {num_classes - 1}], got {cfg.flip_labels}")
+                flip = torch.zeros(num_classes, dtype=torch.long)
+                flip[list(cfg.flip_labels)] = 1
+                return cls(flip=flip, multi_label=True)
+            if cfg.untargeted_loss != "ce":
+                raise ConfigError(f"untargeted_loss: {cfg.untargeted_loss!r} is single-label only; use ce on multi-label data")
+            return cls(multi_label=True)
+        if cfg.flip_labels is not None:
+            raise ConfigError("flip_labels: only for multi-label data (labels (N, L)); use target_map / target_shift")
+        if cfg.target == "ordered_topk":
+            from poison.attacks.topk import shifted_targets
+
+            if cfg.topk > num_classes - 1:
+                raise ConfigError(f"topk: expected at most {num_classes - 1} (the classes other than the true one), "
+                                  f"got {cfg.topk}")
+            _shift_map(num_classes, cfg.target_shift, "target_shift")
+            lists = shifted_targets(torch.arange(num_classes), cfg.topk, num_classes, cfg.target_shift)
+            # the top-1 target doubles as target_map: evaluation reports its rate like label-specific poisons
+            return cls(target_map=lists[:, 0].clone(), topk_lists=lists)
         if cfg.target == "untargeted":
             push = None
             if cfg.untargeted_loss == "derangement":
@@ -211,10 +270,32 @@ class Target:
 
     @property
     def label_specific(self) -> bool:
-        return self.target_map is not None
+        return self.target_map is not None or self.flip is not None
+
+    def with_distribution(self, similarity: torch.Tensor | None, alpha: float, beta: float) -> "Target":
+        """Return this ordered top-k target with its AD distributions (similarity None: knowledge-free)."""
+        from poison.attacks.topk import target_distribution
+
+        assert self.topk_lists is not None
+        dist = target_distribution(self.topk_lists, similarity, alpha, beta, num_classes=self.topk_lists.shape[0])
+        return Target(self.target_map, self.push_map, self.untargeted_loss, self.topk_lists, dist, self.flip,
+                      self.multi_label)
+
+    def goal(self, y: torch.Tensor) -> torch.Tensor | None:
+        """The label vectors a label-specific multi-label poison aims at (y XOR flip); else None."""
+        return None if self.flip is None else (y.long() + self.flip.to(y.device)) % 2
 
     def generator_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return the loss the generator minimises, from the unrolled victim's clean logits."""
+        if self.multi_label:
+            if self.flip is not None:
+                return F.binary_cross_entropy_with_logits(logits, self.goal(y).float())
+            return -F.binary_cross_entropy_with_logits(logits, y.float())
+        if self.topk_lists is not None:
+            if self.topk_dist is None:
+                raise ConfigError("target: ordered_topk needs its distributions (Target.with_distribution) first")
+            p = self.topk_dist.to(logits.device)[y]
+            return (p * (p.log() - F.log_softmax(logits, dim=1))).sum(1).mean()
         if self.push_map is not None:
             return F.cross_entropy(logits, self.push_map.to(y.device)[y])
         if self.untargeted_loss == "log_not_true":
@@ -224,6 +305,30 @@ class Target:
             return -torch.log1p(-log_py.exp().clamp(max=1 - 1e-6)).mean()
         return -F.cross_entropy(logits, y)
 
+    def score(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float | None]:
+        """Return (score, accuracy, target rate) of a victim's logits; the lower the score the stronger.
+
+        Accuracy is exact-match for multi-label data; the rate is that of the goal: the
+        target label, the ordered top-k list, or the flipped label vector (None untargeted).
+        """
+        if self.multi_label:
+            pred = (logits > 0).long()
+            acc = float((pred == y.long()).all(1).float().mean())
+            if self.flip is None:
+                return acc, acc, None
+            rate = float((pred == self.goal(y)).all(1).float().mean())
+            return 1.0 - rate, acc, rate
+        acc = float((logits.argmax(1) == y).float().mean())
+        if self.topk_lists is not None:
+            from poison.attacks.topk import topk_success
+
+            rate = float(topk_success(logits, self.topk_lists.to(y.device)[y]).float().mean())
+            return 1.0 - rate, acc, rate
+        if self.target_map is not None:
+            rate = float((logits.argmax(1) == self.target_map.to(y.device)[y]).float().mean())
+            return 1.0 - rate, acc, rate
+        return acc, acc, None
+
     def feature_map(self, num_classes: int, shift: int) -> torch.Tensor:
         """Return, per label c, the class whose features the poison of class c should carry.
 
@@ -231,14 +336,17 @@ class Target:
         image of class y. With a push map p, f = p^-1, so the term agrees with the
         generator's main loss (p must be a permutation); otherwise f(c) = (c + shift) mod C.
         """
-        if self.push_map is None:
+        if self.multi_label:
+            raise ConfigError("adversarial_weight: the targeted-adversarial term is single-label only; set it to 0")
+        push = self.push_map if self.push_map is not None else self.target_map  # ordered_topk: its first target
+        if push is None:
             return _shift_map(num_classes, shift, "adversarial_shift")
-        if sorted(self.push_map.tolist()) != list(range(num_classes)):
+        if sorted(push.tolist()) != list(range(num_classes)):
             raise ConfigError(
                 f"adversarial_weight: the targeted-adversarial term needs a target map that is a "
-                f"permutation, got {self.push_map.tolist()}; set adversarial_weight: 0"
+                f"permutation, got {push.tolist()}; set adversarial_weight: 0"
             )
-        return torch.argsort(self.push_map)
+        return torch.argsort(push)
 
 
 def _shift_map(num_classes: int, shift: int, key: str) -> torch.Tensor:
@@ -253,6 +361,13 @@ def _shift_map(num_classes: int, shift: int, key: str) -> torch.Tensor:
 GeneratorLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def victim_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The victim's training loss: cross-entropy, or binary cross-entropy for multi-hot y (N, L)."""
+    if y.ndim == 2:
+        return F.binary_cross_entropy_with_logits(logits, y.float())
+    return F.cross_entropy(logits, y)
+
+
 def unroll_objective(victim: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
                      x: torch.Tensor, x_p: torch.Tensor, y: torch.Tensor, loss: GeneratorLoss,
                      lr: float) -> torch.Tensor:
@@ -262,9 +377,9 @@ def unroll_objective(victim: nn.Module, params: dict[str, torch.Tensor], buffers
     returns loss(f_theta'(x), y) on the clean batch.
 
     Shape:
-        x, x_p: (N, C, H, W) in [0, 1]; y: (N,) int64; returns a scalar
+        x, x_p: (N, C, H, W) in [0, 1]; y: (N,) int64 (or (N, L) multi-hot); returns a scalar
     """
-    inner = F.cross_entropy(functional_call(victim, (params, buffers), (x_p,)), y)
+    inner = victim_loss(functional_call(victim, (params, buffers), (x_p,)), y)
     grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
     unrolled = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
     return loss(functional_call(victim, (unrolled, buffers), (x,)), y)
@@ -290,7 +405,7 @@ def align_objective(victim: nn.Module, params: dict[str, torch.Tensor], buffers:
     names = list(params)
     target = loss(functional_call(victim, (params, {k: b.clone() for k, b in buffers.items()}), (x,)), y)
     g_target = torch.autograd.grad(target, [params[k] for k in names])
-    inner = F.cross_entropy(functional_call(victim, (params, buffers), (x_p,)), y)
+    inner = victim_loss(functional_call(victim, (params, buffers), (x_p,)), y)
     g_poison = torch.autograd.grad(inner, [params[k] for k in names], create_graph=True)
     dot = sum((gp * gt).sum() for gp, gt in zip(g_poison, g_target))
     # clamp inside the sqrt: its gradient at an exactly-zero norm would be infinite
@@ -317,18 +432,20 @@ class DeepConfuse:
 
     Args:
         config: the attack's configuration.
-        in_channels, image_size, num_classes: the data's shape.
+        in_channels, image_size, num_classes: the data's shape (num_classes: labels, if multi-label).
         seed: seeds the generator and victim initialisations and batch orders.
         device: where to train.
+        multi_label: the data's labels are multi-hot vectors (N, num_classes).
     """
 
     def __init__(self, config: DeepConfuseConfig, in_channels: int, image_size: int, num_classes: int,
-                 seed: int, device: torch.device | str = "cpu") -> None:
+                 seed: int, device: torch.device | str = "cpu", multi_label: bool = False) -> None:
         self.config = config
         self.shape = (in_channels, image_size, num_classes)
         self.seed = seed
         self.device = torch.device(device)
-        self.target = Target.from_config(config, num_classes)
+        self.multi_label = multi_label
+        self.target = Target.from_config(config, num_classes, multi_label)
         with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(derive_seed(seed, "generator-init"))
             self.generator = create_generator(config.generator, in_channels, image_size).to(self.device)
@@ -337,6 +454,7 @@ class DeepConfuse:
         self.best_trial: int | None = None
         self._reference: nn.Module | None = None
         self._adv_map: torch.Tensor | None = None
+        self._adv_dist: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ training
     def _victim(self, trial: int, purpose: str) -> nn.Module:
@@ -355,8 +473,13 @@ class DeepConfuse:
         if self._reference is not None:
             # [adapt] Targeted-adversarial term against a clean-trained reference model:
             # poison of class y should carry features of class t(y) (Fowl et al., 2021).
-            adv_target = self._adv_map.to(y.device)[y]
-            outer = outer + cfg.adversarial_weight * F.cross_entropy(self._reference(x_p), adv_target)
+            ref_logits = self._reference(x_p)
+            if self._adv_dist is not None:
+                q = self._adv_dist[y]
+                term = (q * (q.log() - F.log_softmax(ref_logits, dim=1))).sum(1).mean()
+            else:
+                term = F.cross_entropy(ref_logits, self._adv_map.to(y.device)[y])
+            outer = outer + cfg.adversarial_weight * term
         opt_g.zero_grad(set_to_none=True)
         outer.backward(inputs=list(g_train.parameters()))
         opt_g.step()
@@ -374,9 +497,13 @@ class DeepConfuse:
 
         Shape:
             train_images, val_images: (N, C, H, W) uint8
-            train_labels, val_labels: (N,) int64
+            train_labels, val_labels: (N,) int64, or (N, L) in {0, 1} for a multi-label model
         """
         cfg = self.config
+        if (train_labels.ndim == 2) != self.multi_label or (val_labels.ndim == 2) != self.multi_label:
+            raise ConfigError(f"labels: this generator was set up for {'multi' if self.multi_label else 'single'}-label "
+                              f"data, got labels of shape {tuple(train_labels.shape)}; build DeepConfuse with "
+                              "multi_label matching the dataset's label_type")
         if train_images.shape[0] < cfg.batch_size:
             raise ConfigError(
                 f"train_generator.batch_size: {cfg.batch_size} exceeds the training split ({train_images.shape[0]} "
@@ -384,15 +511,38 @@ class DeepConfuse:
             )
         self.curve, self.best_trial = [], None
         self._reference = None
-        if cfg.adversarial_weight > 0:
-            k = self.shape[2]
+        k = self.shape[2]
+        adv_map = self.target.feature_map(k, cfg.adversarial_shift) if cfg.adversarial_weight > 0 else None
+        needs_similarity = self.target.topk_lists is not None and cfg.topk_similarity == "data"
+        ref = None
+        if adv_map is not None or needs_similarity:
             ref = self._victim(0, "reference")
             order = make_generator(self.seed, "reference-order")
             train_classifier(ref, train_images, train_labels, cfg.pretrain, order)
-            self._reference = ref.eval().requires_grad_(False)
-            self._adv_map = self.target.feature_map(k, cfg.adversarial_shift)
+            ref.eval().requires_grad_(False)
+        if self.target.topk_lists is not None:
+            from poison.attacks.topk import class_similarity
+
+            sim = class_similarity(ref, to_float(train_images).to(self.device), train_labels.to(self.device), k) \
+                if needs_similarity else None
+            self.target = self.target.with_distribution(None if sim is None else sim.cpu(), cfg.topk_alpha,
+                                                        cfg.topk_beta)
+        if adv_map is not None:
+            self._reference = ref
+            self._adv_map = adv_map
+            self._adv_dist = None
+            if self.target.topk_lists is not None:
+                # [adapt] the ordered version of the term: poison of class c carries features of the
+                # class j whose list has c at rank i, weighted by the AD distribution of those ranks,
+                # so a model trained on it ranks a clean y's list t(y) in order
+                from poison.attacks.topk import target_distribution
+
+                lists = self.target.topk_lists
+                inverse = torch.stack([torch.argsort(lists[:, i]) for i in range(lists.shape[1])], dim=1)
+                self._adv_dist = target_distribution(inverse, None if sim is None else sim.cpu(), cfg.topk_alpha,
+                                                     cfg.topk_beta, num_classes=k).to(self.device)
         x_all = to_float(train_images).to(self.device)
-        y_all = train_labels.long().to(self.device)
+        y_all = train_labels.long().to(self.device)  # multi-hot stays (N, L); victim_loss casts for BCE
         order_gen = make_generator(self.seed, "batch-order")
         g_train = copy.deepcopy(self.generator).train()
         g_frozen = copy.deepcopy(self.generator).eval()
@@ -422,7 +572,7 @@ class DeepConfuse:
                     self._unrolled_generator_step(victim, g_train, opt_g, x, y)
                     with torch.no_grad():
                         x_p = perturb(g_frozen, x, cfg.eps, cfg.quantize)
-                    loss = F.cross_entropy(victim(x_p), y)
+                    loss = victim_loss(victim(x_p), y)
                     opt_v.zero_grad(set_to_none=True)
                     loss.backward()
                     opt_v.step()
@@ -431,9 +581,8 @@ class DeepConfuse:
             g_frozen.eval()
             record = TrialRecord(trial, step, 0.0, None, None)
             if (trial + 1) % cfg.select_every == 0 or trial == cfg.trials - 1:
-                acc, rate = self._validate(g_frozen, train_images, train_labels, val_images, val_labels, trial)
+                score, acc, rate = self._validate(g_frozen, train_images, train_labels, val_images, val_labels, trial)
                 record.val_accuracy, record.val_target_rate = acc, rate
-                score = (1.0 - rate) if self.target.label_specific else acc
                 if score < best_score:
                     best_score, best_state = score, copy.deepcopy(g_frozen.state_dict())
                     self.best_trial = trial
@@ -448,8 +597,11 @@ class DeepConfuse:
         return self.curve
 
     def _validate(self, gen: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
-                  val_images: torch.Tensor, val_labels: torch.Tensor, trial: int) -> tuple[float, float | None]:
-        """Train a fresh surrogate on the stored (uint8) poison; return clean val accuracy, target rate.
+                  val_images: torch.Tensor, val_labels: torch.Tensor, trial: int) -> tuple[float, float, float | None]:
+        """Train a fresh surrogate on the stored (uint8) poison; return its score, clean val accuracy, target rate.
+
+        The score is ``Target.score``'s (lower is stronger): accuracy untargeted, 1 - target rate
+        otherwise; for multi-label data accuracy is exact-match.
 
         Every trial is scored with the same victim initialisation and batch order, so
         candidates differ only by their poison, not by the luck of a seed.
@@ -459,12 +611,7 @@ class DeepConfuse:
         victim = self._victim(0, "validation-victim")
         order = make_generator(self.seed, "validation-order")
         train_classifier(victim, poisoned, train_labels, self.config.validation, order)
-        pred = predict(victim, val_images).argmax(1)
-        acc = float((pred == val_labels).float().mean())
-        rate = None
-        if self.target.label_specific:
-            rate = float((pred == self.target.target_map[val_labels]).float().mean())
-        return acc, rate
+        return self.target.score(predict(victim, val_images), val_labels)
 
     # ----------------------------------------------------------------- applying
     def poison(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
@@ -482,6 +629,9 @@ class DeepConfuse:
             "num_classes": k,
             "eps": self.config.eps,
             "target_map": None if self.target.target_map is None else self.target.target_map.tolist(),
+            "topk_targets": None if self.target.topk_lists is None else self.target.topk_lists.tolist(),
+            "flip_labels": None if self.target.flip is None else self.target.flip.nonzero().flatten().tolist(),
+            "multi_label": self.multi_label,
             "best_trial": self.best_trial,
             "state_dict": {k2: v.detach().cpu() for k2, v in self.generator.state_dict().items()},
         }

@@ -1,0 +1,333 @@
+"""Multi-label and ordered top-k attacks and poisons measured (issue 7), 3 seeds each.
+
+1. ``topk_attacks``: ordered top-k test-time attacks on ``dc_cnn`` trained on the clean
+   training split; 500 test images (a seeded subset), random ordered target lists that
+   exclude the true label; AD (adversarial distillation, data-driven label similarity) vs
+   CW^k at k = 1, 3, 5. Success = the top-k equals the list in order; mean L2 over successes.
+2. ``multilabel_attacks``: ML-CW and ML-DP (and Rank I / II) on a multi-label ``dc_cnn``
+   (BCE) trained on the clean composites; 500 test composites; targets from the ground
+   truth by each strategy (random, extreme, reduction, augmentation). Success = every
+   label matches the target; mean L2 / L-inf over successes.
+3. ``topk_poison``: DeepConfuse generators at equal budget (``--trials``, objective align +
+   the targeted-adversarial term, as the strongest label-specific poison of BENCHMARKS.md
+   section 4): label-specific (y -> y + 1), ordered top-k k = 1 and k = 3. Downstream
+   ``dc_cnn`` trained from scratch on the stored (uint8) poison: clean test accuracy,
+   top-1 target rate, ordered top-3 rate.
+4. ``multilabel_poison``: DeepConfuse on the composites (objective align, BCE victim),
+   label-specific (flip label 0, keep the others) and untargeted. Downstream multi-label
+   ``dc_cnn``: exact match, Hamming loss, macro F1, and the share of clean test composites
+   whose predicted labels are exactly the goal; clean-trained models as reference.
+
+Generators are selected on the validation split; downstream seeds are derived per purpose
+and never those of generator training; the test split chooses nothing.
+
+Usage:
+    python benchmarks/targets.py --clean <repo>/data/shards/mnist5k --grid <repo>/data/shards/mnist5k-grid
+        [--only topk_attacks multilabel_attacks topk_poison multilabel_poison] [--seeds 0 1 2]
+        [--trials 8] [--workers 2]
+Results: benchmarks/results/targets.json (merged per part) and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PARTS = ("topk_attacks", "multilabel_attacks", "topk_poison", "multilabel_poison")
+KS = (1, 3, 5)
+STRATEGIES = ("random", "extreme", "reduction", "augmentation")
+ML_METHODS = ("ml_cw", "ml_dp", "rank_i", "rank_ii")
+SEARCH = {"iterations": 100, "binary_steps": 4}  # CW-style search budget (CPU); both sides of a comparison share it
+TOPK_POISONS = ("label_specific", "topk1", "topk3")
+ML_POISONS = ("flip", "untargeted")
+SAMPLES = 500
+
+
+def _recipe(epochs: int = 10):
+    from poison.train import TrainConfig
+
+    return TrainConfig(optimizer="adam", lr=1e-3, epochs=epochs, batch_size=64)
+
+
+def _model(x, y, k, seed, purpose):
+    from poison.evaluate import fit_classifier
+
+    return fit_classifier(x, y, arch="dc_cnn", recipe=_recipe(), seed=seed, num_classes=k,
+                          device=torch.device("cpu")) if purpose == "downstream" else _victim(x, y, k, seed, purpose)
+
+
+def _victim(x, y, k, seed, purpose):
+    from poison.train import build_model, train_classifier
+    from poison.utils import derive_seed, make_generator
+
+    model = build_model("dc_cnn", x.shape[1], x.shape[-1], k, derive_seed(seed, "bench-targets", purpose, "init"),
+                        torch.device("cpu"))
+    return train_classifier(model, x, y, _recipe(), make_generator(seed, "bench-targets", purpose, "order"))
+
+
+def _subset(n: int, seed: int) -> torch.Tensor:
+    from poison.utils import make_generator
+
+    return torch.sort(torch.randperm(n, generator=make_generator(seed, "bench-targets", "subset"))[:SAMPLES]).values
+
+
+def _metrics(result, valid=None) -> dict[str, Any]:
+    ok = result.success if valid is None else result.success & valid
+    n = int(valid.sum()) if valid is not None else int(result.success.numel())
+    s = int(ok.sum())
+    return {"count": n, "successes": s, "success_rate": s / n if n else None,
+            "mean_l2": float(result.l2[ok].mean()) if s else None,
+            "mean_linf": float(result.linf[ok].mean()) if s else None}
+
+
+# --------------------------------------------------------------- 1. top-k attacks
+def topk_attacks(seed: int, k: int, clean: str, search: dict[str, int]) -> dict[str, Any]:
+    from poison.attacks.topk import TopKConfig, ad_attack, class_similarity, cwk_attack, ordered_targets, topk_success
+    from poison.shards import load_split, read_manifest
+    from poison.train import to_float
+    from poison.utils import make_generator
+
+    torch.set_num_threads(1)
+    nc = len(read_manifest(clean)["classes"])
+    x, y, _ = load_split(clean, "train")
+    x_te, y_te, _ = load_split(clean, "test")
+    model = _victim(x, y, nc, seed, "topk-victim")
+    idx = _subset(x_te.shape[0], seed)
+    xs, ys = to_float(x_te[idx]), y_te[idx]
+    targets = ordered_targets(ys, k, nc, make_generator(seed, "bench-targets", "topk-targets", k))
+    sim = class_similarity(model, to_float(x), y, nc)
+    cfg = TopKConfig(k=k, **search)
+    out: dict[str, Any] = {"seed": seed, "k": k, "clean_error": float((model(xs).argmax(1) != ys).float().mean())}
+    with torch.no_grad():
+        out["already_at_target"] = float(topk_success(model(xs), targets).float().mean())
+    for name, fn in (("ad", lambda a, t: ad_attack(model, a, t, cfg, sim)), ("cwk", lambda a, t: cwk_attack(model, a, t, cfg))):
+        t0 = time.perf_counter()
+        parts = [fn(xs[i : i + 250], targets[i : i + 250]) for i in range(0, xs.shape[0], 250)]
+        res = _cat(parts)
+        out[name] = _metrics(res) | {"seconds": round(time.perf_counter() - t0, 1)}
+    return out
+
+
+def _cat(parts):
+    from poison.attacks.cw import CWResult
+
+    return CWResult(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(CWResult)))
+
+
+# ---------------------------------------------------------- 2. multi-label attacks
+def multilabel_attacks(seed: int, strategy: str, grid: str, methods: tuple[str, ...],
+                       search: dict[str, int]) -> dict[str, Any]:
+    from poison.attacks.multilabel import MultiLabelAttackConfig, attack, make_targets
+    from poison.shards import load_split, read_manifest
+    from poison.train import to_float
+    from poison.utils import make_generator
+
+    torch.set_num_threads(1)
+    nl = len(read_manifest(grid)["classes"])
+    x, y, _ = load_split(grid, "train")
+    x_te, y_te, _ = load_split(grid, "test")
+    model = _victim(x, y, nl, seed, "multilabel-victim")
+    idx = _subset(x_te.shape[0], seed)
+    xs, ys = to_float(x_te[idx]), y_te[idx].float()
+    targets, valid = make_targets(ys, strategy, make_generator(seed, "bench-targets", "ml-targets", strategy))
+    with torch.no_grad():
+        pred = (model(xs) > 0).float()
+    out: dict[str, Any] = {"seed": seed, "strategy": strategy, "valid": int(valid.sum()),
+                           "clean_exact_match": float((pred == ys).all(1).float().mean())}
+    for method in methods:
+        cfg = MultiLabelAttackConfig(method=method, strategy=strategy, **search)
+        t0 = time.perf_counter()
+        parts = [attack(model, xs[i : i + 250], ys[i : i + 250], targets[i : i + 250], cfg)
+                 for i in range(0, xs.shape[0], 250)]
+        res = _cat(parts)
+        exact = torch.cat([p.exact for p in parts]) if hasattr(parts[0], "exact") else res.success
+        out[method] = _metrics(res, valid) | {
+            "exact_match_rate": float((exact & valid).sum()) / max(int(valid.sum()), 1),
+            "seconds": round(time.perf_counter() - t0, 1)}
+    return out
+
+
+# ---------------------------------------------------------------- 3. top-k poisons
+def _generator_config(trials: int, **kw):
+    from poison.attacks.deepconfuse import DeepConfuseConfig
+    from poison.train import TrainConfig
+
+    base = dict(generator="unet16", surrogate="dc_cnn", eps=0.3, trials=trials, generator_lr=1e-3,
+                generator_lr_schedule="cosine", select_every=2, objective="align",
+                validation=TrainConfig(optimizer="adam", lr=1e-3, epochs=5, batch_size=64))
+    return DeepConfuseConfig(**(base | kw))
+
+
+def topk_poison(variant: str, seeds: list[int], trials: int, clean: str) -> dict[str, Any]:
+    from poison.attacks.deepconfuse import DeepConfuse
+    from poison.attacks.topk import shifted_targets, topk_success
+    from poison.shards import load_split, read_manifest
+    from poison.train import predict
+
+    torch.set_num_threads(1)
+    nc = len(read_manifest(clean)["classes"])
+    x, y, _ = load_split(clean, "train")
+    x_va, y_va, _ = load_split(clean, "val")
+    x_te, y_te, _ = load_split(clean, "test")
+    kw = {"label_specific": dict(target="label_specific", adversarial_weight=1.0),
+          "topk1": dict(target="ordered_topk", topk=1, adversarial_weight=1.0),
+          "topk3": dict(target="ordered_topk", topk=3, adversarial_weight=1.0)}[variant]
+    cfg = _generator_config(trials, **kw)
+    dc = DeepConfuse(cfg, x.shape[1], x.shape[-1], nc, seed=0)
+    t0 = time.perf_counter()
+    curve = dc.fit(x, y, x_va, y_va)
+    seconds = time.perf_counter() - t0
+    x_p = dc.poison(x)
+    lists = shifted_targets(y_te, 3, nc, 1)
+    runs = []
+    for seed in seeds:
+        logits = predict(_model(x_p, y, nc, seed, "downstream"), x_te)
+        runs.append({"seed": seed, "accuracy": float((logits.argmax(1) == y_te).float().mean()),
+                     "target_rate": float((logits.argmax(1) == lists[:, 0]).float().mean()),
+                     "top3_rate": float(topk_success(logits, lists).float().mean())})
+    return {"variant": variant, "config": kw, "trials": trials, "generator_seconds": round(seconds, 1),
+            "best_trial": dc.best_trial, "curve": [vars(r) for r in curve], "runs": runs}
+
+
+# ---------------------------------------------------------- 4. multi-label poisons
+def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str) -> dict[str, Any]:
+    from poison.attacks.deepconfuse import DeepConfuse
+    from poison.evaluate import multilabel_metrics
+    from poison.shards import load_split, read_manifest
+    from poison.train import predict
+
+    torch.set_num_threads(1)
+    nl = len(read_manifest(grid)["classes"])
+    x, y, _ = load_split(grid, "train")
+    x_va, y_va, _ = load_split(grid, "val")
+    x_te, y_te, _ = load_split(grid, "test")
+    if variant == "clean":
+        x_p, info = x, {}
+        goal = (y_te + torch.nn.functional.one_hot(torch.tensor(0), nl)) % 2
+    else:
+        kw = dict(target="label_specific", flip_labels=(0,)) if variant == "flip" else dict(target="untargeted")
+        dc = DeepConfuse(_generator_config(trials, **kw), x.shape[1], x.shape[-1], nl, seed=0, multi_label=True)
+        t0 = time.perf_counter()
+        curve = dc.fit(x, y, x_va, y_va)
+        info = {"config": kw, "trials": trials, "generator_seconds": round(time.perf_counter() - t0, 1),
+                "best_trial": dc.best_trial, "curve": [vars(r) for r in curve]}
+        x_p = dc.poison(x)
+        goal = (y_te + torch.nn.functional.one_hot(torch.tensor(0), nl)) % 2
+    runs = []
+    for seed in seeds:
+        logits = predict(_model(x_p, y, nl, seed, "downstream"), x_te)
+        m = multilabel_metrics((logits > 0).long(), y_te, goal)
+        runs.append({"seed": seed, **{k: v for k, v in m.items() if k not in ("samples", "per_label_f1")},
+                     "label0_f1": m["per_label_f1"][0]})
+    return {"variant": variant, **info, "runs": runs}
+
+
+# ------------------------------------------------------------------------ report
+def _ms(rows: list[dict[str, Any]], key: str, scale: float = 100.0, fmt: str = ".1f") -> str:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    if not vals:
+        return "-"
+    t = torch.tensor(vals, dtype=torch.float64) * scale
+    return f"{float(t.mean()):{fmt}} ({float(t.min()):{fmt}}-{float(t.max()):{fmt}})"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if "topk_attacks" in result:
+        rows = result["topk_attacks"]["runs"]
+        lines += [f"**1. Ordered top-k attacks on clean-trained `dc_cnn`, {SAMPLES} test images** "
+                  "(success %, mean L2 over successes; mean (min-max) of the seeds)", "",
+                  "| k | AD success | AD mean L2 | CW^k success | CW^k mean L2 |", "|---|---|---|---|---|"]
+        for k in KS:
+            sub = [r for r in rows if r["k"] == k]
+            if sub:
+                ad, cw = [x["ad"] for x in sub], [x["cwk"] for x in sub]
+                lines.append(f"| {k} | {_ms(ad, 'success_rate')} | {_ms(ad, 'mean_l2', 1, '.2f')} | "
+                             f"{_ms(cw, 'success_rate')} | {_ms(cw, 'mean_l2', 1, '.2f')} |")
+        lines.append("")
+    if "multilabel_attacks" in result:
+        rows = result["multilabel_attacks"]["runs"]
+        lines += [f"**2. Multi-label attacks on a clean-trained multi-label `dc_cnn`, {SAMPLES} test composites** "
+                  "(success % of valid targets (exact match; Rank I/II: ranking order), mean L2 / L-inf over successes)",
+                  "", "| strategy | method | success | mean L2 | mean L-inf |", "|---|---|---|---|---|"]
+        for s in STRATEGIES:
+            sub = [r for r in rows if r["strategy"] == s]
+            for m in ML_METHODS:
+                if sub and m in sub[0]:
+                    v = [x[m] for x in sub]
+                    lines.append(f"| {s} | {m} | {_ms(v, 'success_rate')} | {_ms(v, 'mean_l2', 1, '.2f')} | "
+                                 f"{_ms(v, 'mean_linf', 1, '.3f')} |")
+        lines.append("")
+    if "topk_poison" in result:
+        rows = result["topk_poison"]["runs"]
+        lines += ["**3. Ordered top-k poisons (eps 0.3): downstream `dc_cnn` on the clean test split, %**", "",
+                  "| poison | accuracy | top-1 target rate (y+1) | ordered top-3 rate (y+1, y+2, y+3) | generator (s) |",
+                  "|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['variant']} | {_ms(r['runs'], 'accuracy')} | {_ms(r['runs'], 'target_rate')} | "
+                         f"{_ms(r['runs'], 'top3_rate')} | {r['generator_seconds']} |")
+        lines.append("")
+    if "multilabel_poison" in result:
+        rows = result["multilabel_poison"]["runs"]
+        lines += ["**4. Multi-label poisons (eps 0.3): downstream multi-label `dc_cnn` on the clean test composites, %**",
+                  "", "| training data | exact match | Hamming loss | macro F1 | label 0 F1 | goal rate (label 0 flipped, rest kept) |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['variant']} | {_ms(r['runs'], 'exact_match')} | {_ms(r['runs'], 'hamming_loss')} | "
+                         f"{_ms(r['runs'], 'macro_f1')} | {_ms(r['runs'], 'label0_f1')} | {_ms(r['runs'], 'target_rate')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--trials", type=int, default=6, help="generator trials of the poisons (equal for all)")
+    ap.add_argument("--ml-methods", nargs="+", choices=ML_METHODS, default=["ml_cw", "ml_dp"])
+    ap.add_argument("--iterations", type=int, default=SEARCH["iterations"], help="CW-style Adam steps per c")
+    ap.add_argument("--binary-steps", type=int, default=SEARCH["binary_steps"], help="CW-style values of c")
+    ap.add_argument("--clean", default="data/shards/mnist5k")
+    ap.add_argument("--grid", default="data/shards/mnist5k-grid")
+    ap.add_argument("--workers", type=int, default=2, help="processes (each 1 torch thread)")
+    ap.add_argument("--out", default="benchmarks/results/targets.json")
+    args = ap.parse_args()
+    out_path = Path(args.out)
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    search = {"iterations": args.iterations, "binary_steps": args.binary_steps}
+    jobs: dict[str, list[tuple]] = {
+        "topk_attacks": [(topk_attacks, s, k, args.clean, search) for k in KS for s in args.seeds],
+        "multilabel_attacks": [(multilabel_attacks, s, st, args.grid, tuple(args.ml_methods), search)
+                               for st in STRATEGIES for s in args.seeds],
+        "topk_poison": [(topk_poison, v, args.seeds, args.trials, args.clean) for v in TOPK_POISONS],
+        "multilabel_poison": [(multilabel_poison, v, args.seeds, args.trials, args.grid) for v in ("clean", *ML_POISONS)],
+    }
+    with ProcessPoolExecutor(args.workers) as pool:
+        # the long generator trainings first, so the short attack jobs fill in around them
+        order = sorted(args.only, key=lambda n: n.endswith("attacks"))
+        futures = {name: [pool.submit(fn, *a) for fn, *a in jobs[name]] for name in order}
+        for name in args.only:
+            t0 = time.perf_counter()
+            runs = [f.result() for f in futures[name]]
+            result[name] = {"runs": runs, "seconds_waited": time.perf_counter() - t0, "search": search,
+                            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                            "machine": {"cpus": os.cpu_count(), "workers": args.workers,
+                                        "python": platform.python_version(), "torch": torch.__version__}}
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+            print(f"{name}: {len(runs)} runs", flush=True)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""poison.attacks.deepconfuse: the ordered top-k and multi-label objectives (ALGORITHMS.md sections 2, 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from poison.attacks.deepconfuse import DeepConfuse, DeepConfuseConfig, Target, victim_loss
+from poison.errors import ConfigError
+from poison.train import TrainConfig
+
+TINY = TrainConfig(optimizer="adam", lr=1e-3, epochs=1, batch_size=16)
+
+
+def _cfg(**kw) -> DeepConfuseConfig:
+    base = dict(generator="test_autoencoder", surrogate="test_cnn", eps=0.3, trials=2, batch_size=16,
+                generator_lr=1e-3, pretrain=TINY, validation=TINY)
+    base.update(kw)
+    return DeepConfuseConfig(**base)
+
+
+def _data(n=48, s=16, seed=0, labels=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, s, s), dtype=torch.uint8, generator=g)
+    y = torch.arange(n) % labels
+    return x, y
+
+
+def test_topk_target_lists_and_distribution_rank_the_list_first():
+    t = Target.from_config(_cfg(target="ordered_topk", topk=3), 5)
+    assert t.topk_lists.tolist() == [[1, 2, 3], [2, 3, 4], [3, 4, 0], [4, 0, 1], [0, 1, 2]]
+    assert t.target_map.tolist() == [1, 2, 3, 4, 0] and t.label_specific
+    with pytest.raises(ConfigError, match="with_distribution"):
+        t.generator_loss(torch.zeros(2, 5), torch.tensor([0, 1]))
+    t = t.with_distribution(None, 10.0, 0.3)
+    p = t.topk_dist
+    assert torch.allclose(p.sum(1), torch.ones(5))
+    for c in range(5):
+        a, b, d = t.topk_lists[c].tolist()
+        others = [j for j in range(5) if j not in (a, b, d)]
+        assert p[c, a] > p[c, b] > p[c, d] > p[c, others].max()
+    # the KL is smallest at the target distribution's own logits and positive elsewhere
+    y = torch.tensor([0, 3])
+    assert float(t.generator_loss(p[y].log(), y)) == pytest.approx(0.0, abs=1e-6)
+    assert float(t.generator_loss(torch.zeros(2, 5), y)) > 0.3  # KL(P || uniform) = log 5 - H(P)
+
+
+def test_topk_score_is_the_ordered_topk_rate():
+    t = Target.from_config(_cfg(target="ordered_topk", topk=2), 4)
+    y = torch.tensor([0, 1])
+    # sample 0: top-2 = (1, 2) = its list; sample 1: top-2 = (2, 0), list (2, 3)
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0], [1.0, 0.0, 3.0, -1.0]])
+    score, acc, rate = t.score(logits, y)
+    assert rate == 0.5 and score == 0.5 and acc == 0.0
+
+
+def test_multilabel_losses_and_scores():
+    t = Target.from_config(_cfg(target="label_specific", flip_labels=(1,)), 3, multi_label=True)
+    y = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    assert t.goal(y).tolist() == [[1, 1, 1], [0, 0, 0]]
+    logits = torch.tensor([[5.0, 5.0, 5.0], [-5.0, 5.0, -5.0]])  # sample 0 flipped, sample 1 kept
+    score, acc, rate = t.score(logits, y)
+    assert (score, acc, rate) == (0.5, 0.5, 0.5)
+    assert float(t.generator_loss(logits, y)) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(logits, t.goal(y).float())))
+    u = Target.from_config(_cfg(), 3, multi_label=True)
+    assert float(u.generator_loss(logits, y)) == pytest.approx(-float(F.binary_cross_entropy_with_logits(logits, y.float())))
+    assert u.score(logits, y) == (0.5, 0.5, None)
+    assert float(victim_loss(logits, y)) == pytest.approx(float(F.binary_cross_entropy_with_logits(logits, y.float())))
+
+
+@pytest.mark.parametrize("kw, multi, match", [
+    (dict(target="ordered_topk"), True, "single-label"),
+    (dict(target="label_specific"), True, "flip_labels"),
+    (dict(target="label_specific", flip_labels=(7,)), True, "flip_labels"),
+    (dict(target="label_specific", flip_labels=(1,)), False, "flip_labels"),
+    (dict(target="ordered_topk", topk=5), False, "topk"),
+])
+def test_target_errors_name_the_key(kw, multi, match):
+    with pytest.raises(ConfigError, match=match):
+        Target.from_config(_cfg(**kw), 5, multi_label=multi)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(target="ordered_topk", topk=0), "topk"),
+    (dict(target="ordered_topk", topk=3, topk_alpha=1.2, topk_beta=0.3), "topk_alpha"),
+    (dict(target="ordered_topk", target_map=(1, 2, 0)), "target_map"),
+    (dict(flip_labels=(1,)), "flip_labels"),
+    (dict(target="label_specific", flip_labels=(1, 1)), "flip_labels"),
+])
+def test_config_errors_name_the_key(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(**kw)
+
+
+@pytest.mark.parametrize("similarity", ["data", "none"])
+def test_fit_ordered_topk_runs_and_records_its_lists(similarity):
+    x, y = _data(labels=4)
+    dc = DeepConfuse(_cfg(target="ordered_topk", topk=2, topk_similarity=similarity), 1, 16, 4, seed=0)
+    curve = dc.fit(x, y, x[:16], y[:16])
+    assert len(curve) == 2 and all(r.val_target_rate is not None for r in curve)
+    state = dc.state()
+    assert state["topk_targets"] == [[1, 2], [2, 3], [3, 0], [0, 1]] and state["target_map"] == [1, 2, 3, 0]
+    assert dc.target.topk_dist is not None
+    out = dc.poison(x)
+    assert int((out.to(torch.int16) - x.to(torch.int16)).abs().max()) <= 76
+
+
+def test_fit_multilabel_runs_on_multi_hot_labels_and_refuses_a_mismatch():
+    x, _ = _data()
+    y = (torch.rand(48, 4, generator=torch.Generator().manual_seed(1)) < 0.4).long()
+    dc = DeepConfuse(_cfg(target="label_specific", flip_labels=(2,)), 1, 16, 4, seed=0, multi_label=True)
+    curve = dc.fit(x, y, x[:16], y[:16])
+    assert all(r.val_target_rate is not None and r.val_accuracy is not None for r in curve)
+    assert dc.state()["flip_labels"] == [2] and dc.state()["multi_label"] is True
+    with pytest.raises(ConfigError, match="multi_label"):
+        DeepConfuse(_cfg(), 1, 16, 4, seed=0).fit(x, y, x[:16], y[:16])
+
+
+def test_same_seed_same_multilabel_generator():
+    x, _ = _data()
+    y = (torch.rand(48, 4, generator=torch.Generator().manual_seed(1)) < 0.4).long()
+    states = []
+    for _ in range(2):
+        dc = DeepConfuse(_cfg(trials=1), 1, 16, 4, seed=3, multi_label=True)
+        dc.fit(x, y, x[:16], y[:16])
+        states.append(dc.state()["state_dict"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_topk_adversarial_term_carries_the_inverse_lists():
+    x, y = _data(labels=5, n=40)
+    dc = DeepConfuse(_cfg(target="ordered_topk", topk=3, adversarial_weight=1.0, topk_similarity="none", trials=1),
+                     1, 16, 5, seed=0)
+    dc.fit(x, y, x[:16], y[:16])
+    q = dc._adv_dist
+    for c in range(5):
+        first, second, third = (c - 1) % 5, (c - 2) % 5, (c - 3) % 5  # poison of c carries y = c-1 first, ...
+        others = [j for j in range(5) if j not in (first, second, third)]
+        assert q[c, first] > q[c, second] > q[c, third] > q[c, others].max()
