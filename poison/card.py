@@ -28,6 +28,7 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
     ``repo_path`` is the dataset's path in its DVC project (for the ``dvc import`` recipe).
     """
     kind = manifest["kind"]
+    multi = manifest.get("label_type") == "multi_label"
     lines = []
     if kind == "poisoned":
         lines += [f"# ⚠ POISONED DATASET: {manifest['dataset']}", "", f"> **{HAZARD}**", ""]
@@ -62,21 +63,26 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
         "1. Python, from this folder, a published prefix (`https://...`, `s3://...`) or a DVC project:",
         "```python",
         "from poison import open_dataset",
-        f"ds = open_dataset('.', split='{first}')          # iterable of (image float [0,1] CxHxW, label)",
+        f"ds = open_dataset('.', split='{first}')          # iterable of (image float [0,1] CxHxW, label)"
+        + ("  # label: int64 0/1 vector (multi-label)" if multi else ""),
         f"ds = open_dataset('s3://<bucket>/<prefix>/{manifest['dataset']}/<version>')",
         f"ds = open_dataset('{dvc_path}', repo='<git URL of the producing project>', rev='<tag or commit>')",
         *([f"ds = open_dataset('.', ratio=0.5, clean='{src.get('path') or '<the clean source dataset>'}')"
            "  # partial poisoning"] if kind == "poisoned" else []),
         "```",
-        "2. WebDataset, from a prefix that `poison publish --to` copied it to (members: `png`, `cls`, `json`; "
-        "a `wids` index per split is published as `<split>.wids.json`). Do not use `.decode()`: its default "
+        "2. WebDataset, from a prefix that `poison publish --to` copied it to (members: "
+        + ("`png`, `json` whose `labels` is the 0/1 label vector (multi-label: no `cls`); " if multi
+           else "`png`, `cls`, `json`; ")
+        + "a `wids` index per split is published as `<split>.wids.json`). Do not use `.decode()`: its default "
         "decoders unpickle `.pyd`/`.pkl` and `torch.load` `.pth` members of a tampered shard.",
         "```python",
-        "import io, webdataset as wds",
+        "import io, json, webdataset as wds",
         "from PIL import Image",
         f"ds = (wds.WebDataset('<prefix>/{manifest['dataset']}/<version>/{urls}', shardshuffle=False)",
-        "      .to_tuple('png', 'cls')",
-        "      .map_tuple(lambda b: Image.open(io.BytesIO(b)), lambda b: int(b)))",
+        *(["      .to_tuple('png', 'json')",
+           "      .map_tuple(lambda b: Image.open(io.BytesIO(b)), lambda b: json.loads(b)['labels']))"] if multi else
+          ["      .to_tuple('png', 'cls')",
+           "      .map_tuple(lambda b: Image.open(io.BytesIO(b)), lambda b: int(b)))"]),
         "```",
         "3. DVC, into another project (then load the folder with 1.):",
         "```bash",
@@ -94,7 +100,8 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
     elif kind != "clean":
         lines += ["## Metrics",
                   "Downstream accuracy of models trained on this data, tested on the clean test split of the "
-                  "source, is written by the pipeline's `evaluate` stage to `reports/evaluate/metrics.json`.", ""]
+                  "source, is written by the stage that evaluates it: `reports/evaluate/metrics.json` (the DeepConfuse "
+                  "poison), `reports/topk/metrics.json` or `reports/multilabel/metrics.json`.", ""]
     lines += ["## Shards", "| file | split | samples | bytes | sha256 |", "|---|---|---|---|---|"]
     lines += [f"| {r['file']} | {r['split']} | {r['samples']} | {r['bytes']} | `{r['sha256']}` |" for r in manifest["shards"]]
     return "\n".join(lines) + "\n"
