@@ -91,7 +91,8 @@ def _metrics(result, valid=None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------- 1. top-k attacks
-def topk_attacks(seed: int, k: int, clean: str, search: dict[str, int]) -> dict[str, Any]:
+def topk_attacks(seed: int, k: int, clean: str, search: dict[str, Any], split: str = "test",
+                 c_init: dict[str, float] | None = None) -> dict[str, Any]:
     from poison.attacks.topk import TopKConfig, ad_attack, class_similarity, cwk_attack, ordered_targets, topk_success
     from poison.shards import load_split, read_manifest
     from poison.train import to_float
@@ -100,17 +101,21 @@ def topk_attacks(seed: int, k: int, clean: str, search: dict[str, int]) -> dict[
     torch.set_num_threads(1)
     nc = len(read_manifest(clean)["classes"])
     x, y, _ = load_split(clean, "train")
-    x_te, y_te, _ = load_split(clean, "test")
+    x_te, y_te, _ = load_split(clean, split)
     model = _victim(x, y, nc, seed, "topk-victim")
     idx = _subset(x_te.shape[0], seed)
     xs, ys = to_float(x_te[idx]), y_te[idx]
     targets = ordered_targets(ys, k, nc, make_generator(seed, "bench-targets", "topk-targets", k))
     sim = class_similarity(model, to_float(x), y, nc)
-    cfg = TopKConfig(k=k, **search)
-    out: dict[str, Any] = {"seed": seed, "k": k, "clean_error": float((model(xs).argmax(1) != ys).float().mean())}
+    c_init = c_init or {}
+    cfg_ad = TopKConfig(k=k, **search, **({"c_init": c_init["ad"]} if "ad" in c_init else {}))
+    cfg_cw = TopKConfig(k=k, **search, **({"c_init": c_init["cwk"]} if "cwk" in c_init else {}))
+    out: dict[str, Any] = {"seed": seed, "k": k, "split": split, "c_init": {"ad": cfg_ad.c_init, "cwk": cfg_cw.c_init},
+                           "clean_error": float((model(xs).argmax(1) != ys).float().mean())}
     with torch.no_grad():
         out["already_at_target"] = float(topk_success(model(xs), targets).float().mean())
-    for name, fn in (("ad", lambda a, t: ad_attack(model, a, t, cfg, sim)), ("cwk", lambda a, t: cwk_attack(model, a, t, cfg))):
+    for name, fn in (("ad", lambda a, t: ad_attack(model, a, t, cfg_ad, sim)),
+                     ("cwk", lambda a, t: cwk_attack(model, a, t, cfg_cw))):
         t0 = time.perf_counter()
         parts = [fn(xs[i : i + 250], targets[i : i + 250]) for i in range(0, xs.shape[0], 250)]
         res = _cat(parts)
@@ -245,15 +250,20 @@ def markdown(result: dict[str, Any]) -> str:
     lines: list[str] = []
     if "topk_attacks" in result:
         rows = result["topk_attacks"]["runs"]
-        lines += [f"**1. Ordered top-k attacks on clean-trained `dc_cnn`, {SAMPLES} test images** "
+        split = rows[0].get("split", "test")
+        lines += [f"**1. Ordered top-k attacks on clean-trained `dc_cnn`, {SAMPLES} {split} images** "
                   "(success %, mean L2 over successes; mean (min-max) of the seeds)", "",
-                  "| k | AD success | AD mean L2 | CW^k success | CW^k mean L2 |", "|---|---|---|---|---|"]
-        for k in KS:
-            sub = [r for r in rows if r["k"] == k]
-            if sub:
-                ad, cw = [x["ad"] for x in sub], [x["cwk"] for x in sub]
-                lines.append(f"| {k} | {_ms(ad, 'success_rate')} | {_ms(ad, 'mean_l2', 1, '.2f')} | "
-                             f"{_ms(cw, 'success_rate')} | {_ms(cw, 'mean_l2', 1, '.2f')} |")
+                  "| k | first c (AD / CW^k) | AD success | AD mean L2 | CW^k success | CW^k mean L2 |",
+                  "|---|---|---|---|---|---|"]
+        def c_of(r: dict[str, Any]) -> tuple[float, float]:
+            c = r.get("c_init", {"ad": 10.0, "cwk": 10.0})
+            return (c["ad"], c["cwk"])
+
+        for k, c in sorted({(r["k"], c_of(r)) for r in rows}):
+            sub = [r for r in rows if r["k"] == k and c_of(r) == c]
+            ad, cw = [x["ad"] for x in sub], [x["cwk"] for x in sub]
+            lines.append(f"| {k} | {c[0]:g} / {c[1]:g} | {_ms(ad, 'success_rate')} | {_ms(ad, 'mean_l2', 1, '.2f')} | "
+                         f"{_ms(cw, 'success_rate')} | {_ms(cw, 'mean_l2', 1, '.2f')} |")
         lines.append("")
     if "multilabel_attacks" in result:
         rows = result["multilabel_attacks"]["runs"]
@@ -297,6 +307,12 @@ def main() -> None:
     ap.add_argument("--ml-methods", nargs="+", choices=ML_METHODS, default=["ml_cw", "ml_dp"])
     ap.add_argument("--iterations", type=int, default=SEARCH["iterations"], help="CW-style Adam steps per c")
     ap.add_argument("--binary-steps", type=int, default=SEARCH["binary_steps"], help="CW-style values of c")
+    ap.add_argument("--split", choices=["test", "val"], default="test",
+                    help="topk_attacks: the images attacked (val: to choose c_init; test: to report)")
+    ap.add_argument("--c-init", nargs="+", type=float, default=None,
+                    help="topk_attacks on val: the first c values to try for both methods")
+    ap.add_argument("--c-init-ad", type=float, default=None, help="topk_attacks: AD's first c (default 10)")
+    ap.add_argument("--c-init-cwk", type=float, default=None, help="topk_attacks: CW^k's first c (default 10)")
     ap.add_argument("--clean", default="data/shards/mnist5k")
     ap.add_argument("--grid", default="data/shards/mnist5k-grid")
     ap.add_argument("--workers", type=int, default=2, help="processes (each 1 torch thread)")
@@ -306,7 +322,12 @@ def main() -> None:
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
     search = {"iterations": args.iterations, "binary_steps": args.binary_steps}
     jobs: dict[str, list[tuple]] = {
-        "topk_attacks": [(topk_attacks, s, k, args.clean, search) for k in KS for s in args.seeds],
+        "topk_attacks": (
+            [(topk_attacks, s, k, args.clean, search, args.split, {"ad": c, "cwk": c})
+             for c in args.c_init for k in KS for s in args.seeds] if args.c_init else
+            [(topk_attacks, s, k, args.clean, search, args.split,
+              {m: v for m, v in (("ad", args.c_init_ad), ("cwk", args.c_init_cwk)) if v is not None})
+             for k in KS for s in args.seeds]),
         "multilabel_attacks": [(multilabel_attacks, s, st, args.grid, tuple(args.ml_methods), search)
                                for st in STRATEGIES for s in args.seeds],
         "topk_poison": [(topk_poison, v, args.seeds, args.trials, args.clean) for v in TOPK_POISONS],
