@@ -34,7 +34,7 @@ from poison.evaluate import save_confusion_png, summarise, train_and_test
 from poison.models import create_generator
 from poison.shards import (SplitSamples, finish_dataset, load_range, load_split, manifest_sha256, open_staging,
                            read_manifest, sample_key, shard_file, write_dataset, write_shard)
-from poison.variants import compose, multilabel, save_checkpoint, topk
+from poison.variants import compose, multilabel, report_dir, save_checkpoint, topk
 from poison.utils import (atomic_path, atomic_write_json, make_generator, resolve_device, sha256_file,
                           torch_threads)
 
@@ -43,12 +43,6 @@ __all__ = ["prepare", "train_generator", "poison", "evaluate", "load_generator",
            "augment", "poison_plan", "poison_shard", "poison_finish", "abandon", "evaluate_plan", "evaluate_cell", "evaluate_finish"]
 
 log = logging.getLogger(__name__)
-
-
-def _reports(params: Params, stage: str) -> Path:
-    path = Path(params.paths.reports) / stage
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def prepare(params: Params) -> dict[str, Any]:
@@ -94,7 +88,7 @@ def train_generator(params: Params, on_trial: Callable[[TrialRecord], None] | No
     save_checkpoint(attack, to_dict(cfg), params.seed,
                     {"dataset": clean["dataset"], "manifest_sha256": manifest_sha256(params.paths.clean)},
                     params.paths.generator)
-    reports = _reports(params, "train_generator")
+    reports = report_dir(params, "train_generator")
     records = [vars(r) for r in curve]
     atomic_write_json(reports / "curve.json", records)
     best = next(r for r in curve if r.trial == attack.best_trial)
@@ -360,7 +354,7 @@ def evaluate_finish(params: Params, plan: dict[str, Any], runs: list[dict[str, A
         "datasets": {"clean": {"path": params.paths.clean, "manifest_sha256": shas["clean"]},
                      "poisoned": {"path": params.paths.poisoned, "manifest_sha256": shas["poisoned"]}},
     }
-    reports = _reports(params, "evaluate")
+    reports = report_dir(params, "evaluate")
     for kind in ("clean", "poisoned"):
         out[kind] = {}
         for arch in params.evaluate.archs:
@@ -446,7 +440,7 @@ def augment(params: Params) -> dict[str, Any]:
         source={"dataset": clean["dataset"], "path": params.paths.clean, "manifest_sha256": clean_sha},
         shard_size=cfg.shard_size,
     )
-    reports = _reports(params, "augment")
+    reports = report_dir(params, "augment")
     lt_counts = torch.bincount(y[lt], minlength=k).tolist()
     summary = {
         "victim": cfg.victim, "victim_clean_test_accuracy": clean_acc,

@@ -165,3 +165,22 @@ def code_fingerprint() -> str:
     for path in sorted(root.rglob("*.py")):
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+@contextmanager
+def frozen(model: Any) -> Iterator[Any]:
+    """Put ``model`` in eval mode with its parameters' requires_grad off; restore both on exit.
+
+    What an attack needs: gradients with respect to its inputs only, the model left as it was.
+    """
+    was_training = model.training
+    requires = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)

@@ -231,7 +231,8 @@ def _downstream(params: Any, clean_path: str, poisoned_path: str,
     return out
 
 
-def _reports(params: Any, stage: str) -> Path:
+def report_dir(params: Any, stage: str) -> Path:
+    """``<paths.reports>/<stage>``, created if needed (every stage writes its reports there)."""
     path = Path(params.paths.reports) / stage
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -262,7 +263,7 @@ def topk(params: Any) -> dict[str, Any]:
                 "topk_rate": float(topk_success(logits, lists[y]).float().mean())}
 
     result = _downstream(params, params.paths.clean, params.paths.topk_poisoned, metrics)
-    reports = _reports(params, "topk")
+    reports = report_dir(params, "topk")
     out = {"k": int(lists.shape[1]), "target_lists": lists.tolist(), "generator": {k: v for k, v in summary.items()
                                                                                     if k != "curve"},
            "recipe": to_dict(params.evaluate.recipe), "seeds": list(params.evaluate.seeds),
@@ -310,7 +311,7 @@ def multilabel(params: Any) -> dict[str, Any]:
                         "poisoned": {"path": params.paths.multilabel_poisoned,
                                      "manifest_sha256": manifest_sha256(params.paths.multilabel_poisoned)}},
            **result}
-    reports = _reports(params, "multilabel")
+    reports = report_dir(params, "multilabel")
     atomic_write_json(reports / "metrics.json", out)
     atomic_write_json(reports / "curve.json", summary["curve"])
     return {"path": params.paths.multilabel_poisoned, "samples": manifest["totals"]["samples"],

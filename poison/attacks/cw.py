@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from poison.errors import ConfigError
+from poison.utils import frozen
 
 __all__ = ["CWConfig", "CWResult", "cw_search", "norms"]
 
@@ -94,12 +95,7 @@ def cw_search(model: nn.Module, x: torch.Tensor, loss: Loss, success: Success, c
     best = x.clone()
     best_l2 = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
     best_c = torch.full((n,), float("nan"), dtype=torch.float64, device=x.device)
-    was_training = model.training
-    model.eval()
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         for _ in range(cfg.binary_steps):
             w = w0.clone().requires_grad_(True)
             opt = torch.optim.Adam([w], lr=cfg.lr)
@@ -132,10 +128,6 @@ def cw_search(model: nn.Module, x: torch.Tensor, loss: Loss, success: Success, c
             upper = torch.where(run_ok, torch.minimum(upper, c), upper)
             lower = torch.where(run_ok, lower, torch.maximum(lower, c))
             c = torch.where(torch.isinf(upper), c * 10, (lower + upper) / 2)
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-        model.train(was_training)
     found = torch.isfinite(best_l2)
     l2, linf = norms(best - x)
     return CWResult(images=best, success=found, l2=torch.where(found, l2, torch.zeros_like(l2)),

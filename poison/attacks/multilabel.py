@@ -55,6 +55,7 @@ from torch import nn
 
 from poison.attacks.cw import CWConfig, CWResult, Loss, Success, cw_search, norms
 from poison.errors import ConfigError
+from poison.utils import frozen
 
 __all__ = ["STRATEGIES", "METHODS", "MultiLabelAttackConfig", "MultiLabelResult", "make_targets", "exact_match",
            "rank_success", "ml_cw_loss", "rank_i_loss", "rank_ii_loss", "ml_dp", "attack", "attack_metrics"]
@@ -335,12 +336,7 @@ def ml_dp(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: MultiLa
     r_total = torch.zeros_like(x)
     adv = x.clone()
     free = torch.ones_like(x, dtype=torch.bool)
-    was_training = model.training
-    model.eval()
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         with torch.no_grad():
             done = exact_match(model(adv), t)
         for _ in range(cfg.max_iterations):
@@ -356,10 +352,6 @@ def ml_dp(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: MultiLa
             r_total[idx] = (adv[idx] - x[idx]) / (1 + cfg.overshoot)
             with torch.no_grad():
                 done = exact_match(model(adv), t)
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-        model.train(was_training)
     images = torch.where(done.view(-1, *[1] * (x.dim() - 1)), adv, x)
     l2, linf = norms(images - x)
     return CWResult(images=images, success=done, l2=l2, linf=linf,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from poison.errors import ConfigError
+from poison.utils import frozen
 
 __all__ = ["ATTRIBUTES", "Attribute", "SIAConfig", "SIAResult", "apply_attributes", "random_attributes", "identity", "sia", "diagnose",
            "brightness", "contrast", "gamma", "saturation", "hue", "affine"]
@@ -250,12 +251,7 @@ def sia(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SIAConfig, gene
     step_x = cfg.step_scale * eps / cfg.steps
     active = torch.ones(n, dtype=torch.bool, device=x.device)
     taken = torch.full((n,), cfg.steps, dtype=torch.long, device=x.device)
-    was_training = model.training
-    model.eval()
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         for step in range(cfg.steps + 1):
             a_var = a.detach().requires_grad_(True)
             d_var = d.detach().requires_grad_(True)
@@ -273,10 +269,6 @@ def sia(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SIAConfig, gene
             keep = active.to(x.dtype)
             a = torch.maximum(torch.minimum(a + keep[:, None] * step_a * ga.sign(), hi), lo)
             d = (d + keep.view(-1, 1, 1, 1) * step_x * gd.sign()).clamp(-eps, eps)
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-        model.train(was_training)
     with torch.no_grad():
         final = (apply_attributes(x, names, a) + d).clamp(0, 1)
         success = _success(model(final), y, targets)
