@@ -92,7 +92,8 @@ def _metrics(result, valid=None) -> dict[str, Any]:
 
 # --------------------------------------------------------------- 1. top-k attacks
 def topk_attacks(seed: int, k: int, clean: str, search: dict[str, Any], split: str = "test",
-                 c_init: dict[str, float] | None = None) -> dict[str, Any]:
+                 c_init: dict[str, float] | None = None, ad: dict[str, float] | None = None,
+                 samples: int = SAMPLES, methods: tuple[str, ...] = ("ad", "cwk")) -> dict[str, Any]:
     from poison.attacks.topk import TopKConfig, ad_attack, class_similarity, cwk_attack, ordered_targets, topk_success
     from poison.shards import load_split, read_manifest
     from poison.train import to_float
@@ -103,19 +104,22 @@ def topk_attacks(seed: int, k: int, clean: str, search: dict[str, Any], split: s
     x, y, _ = load_split(clean, "train")
     x_te, y_te, _ = load_split(clean, split)
     model = _victim(x, y, nc, seed, "topk-victim")
-    idx = _subset(x_te.shape[0], seed)
+    idx = _subset(x_te.shape[0], seed)[:samples]  # a prefix of the 500: the same images and target lists
     xs, ys = to_float(x_te[idx]), y_te[idx]
     targets = ordered_targets(ys, k, nc, make_generator(seed, "bench-targets", "topk-targets", k))
     sim = class_similarity(model, to_float(x), y, nc)
     c_init = c_init or {}
-    cfg_ad = TopKConfig(k=k, **search, **({"c_init": c_init["ad"]} if "ad" in c_init else {}))
+    cfg_ad = TopKConfig(k=k, **search, **(ad or {}), **({"c_init": c_init["ad"]} if "ad" in c_init else {}))
     cfg_cw = TopKConfig(k=k, **search, **({"c_init": c_init["cwk"]} if "cwk" in c_init else {}))
-    out: dict[str, Any] = {"seed": seed, "k": k, "split": split, "c_init": {"ad": cfg_ad.c_init, "cwk": cfg_cw.c_init},
+    out: dict[str, Any] = {"seed": seed, "k": k, "split": split, "samples": int(idx.numel()),
+                           "c_init": {"ad": cfg_ad.c_init, "cwk": cfg_cw.c_init},
+                           "ad_distribution": {"alpha": cfg_ad.alpha, "beta": cfg_ad.beta, "similarity": cfg_ad.similarity},
                            "clean_error": float((model(xs).argmax(1) != ys).float().mean())}
     with torch.no_grad():
         out["already_at_target"] = float(topk_success(model(xs), targets).float().mean())
-    for name, fn in (("ad", lambda a, t: ad_attack(model, a, t, cfg_ad, sim)),
-                     ("cwk", lambda a, t: cwk_attack(model, a, t, cfg_cw))):
+    runs = {"ad": lambda a, t: ad_attack(model, a, t, cfg_ad, sim if cfg_ad.similarity == "data" else None),
+            "cwk": lambda a, t: cwk_attack(model, a, t, cfg_cw)}
+    for name, fn in ((m, runs[m]) for m in methods):
         t0 = time.perf_counter()
         parts = [fn(xs[i : i + 250], targets[i : i + 250]) for i in range(0, xs.shape[0], 250)]
         res = _cat(parts)
@@ -173,7 +177,7 @@ def _generator_config(trials: int, **kw):
     return DeepConfuseConfig(**(base | kw))
 
 
-def topk_poison(variant: str, seeds: list[int], trials: int, clean: str) -> dict[str, Any]:
+def topk_poison(variant: str, seeds: list[int], trials: int, clean: str, generator_seed: int = 0) -> dict[str, Any]:
     from poison.attacks.deepconfuse import DeepConfuse
     from poison.attacks.topk import shifted_targets, topk_success
     from poison.shards import load_split, read_manifest
@@ -188,7 +192,7 @@ def topk_poison(variant: str, seeds: list[int], trials: int, clean: str) -> dict
           "topk1": dict(target="ordered_topk", topk=1, adversarial_weight=1.0),
           "topk3": dict(target="ordered_topk", topk=3, adversarial_weight=1.0)}[variant]
     cfg = _generator_config(trials, **kw)
-    dc = DeepConfuse(cfg, x.shape[1], x.shape[-1], nc, seed=0)
+    dc = DeepConfuse(cfg, x.shape[1], x.shape[-1], nc, seed=generator_seed)
     t0 = time.perf_counter()
     curve = dc.fit(x, y, x_va, y_va)
     seconds = time.perf_counter() - t0
@@ -200,12 +204,13 @@ def topk_poison(variant: str, seeds: list[int], trials: int, clean: str) -> dict
         runs.append({"seed": seed, "accuracy": float((logits.argmax(1) == y_te).float().mean()),
                      "target_rate": float((logits.argmax(1) == lists[:, 0]).float().mean()),
                      "top3_rate": float(topk_success(logits, lists).float().mean())})
-    return {"variant": variant, "config": kw, "trials": trials, "generator_seconds": round(seconds, 1),
+    return {"variant": variant, "generator_seed": generator_seed, "config": kw, "trials": trials,
+            "generator_seconds": round(seconds, 1),
             "best_trial": dc.best_trial, "curve": [vars(r) for r in curve], "runs": runs}
 
 
 # ---------------------------------------------------------- 4. multi-label poisons
-def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str) -> dict[str, Any]:
+def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str, generator_seed: int = 0) -> dict[str, Any]:
     from poison.attacks.deepconfuse import DeepConfuse
     from poison.evaluate import multilabel_metrics
     from poison.shards import load_split, read_manifest
@@ -221,7 +226,8 @@ def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str) ->
         goal = (y_te + torch.nn.functional.one_hot(torch.tensor(0), nl)) % 2
     else:
         kw = dict(target="label_specific", flip_labels=(0,)) if variant == "flip" else dict(target="untargeted")
-        dc = DeepConfuse(_generator_config(trials, **kw), x.shape[1], x.shape[-1], nl, seed=0, multi_label=True)
+        dc = DeepConfuse(_generator_config(trials, **kw), x.shape[1], x.shape[-1], nl, seed=generator_seed,
+                         multi_label=True)
         t0 = time.perf_counter()
         curve = dc.fit(x, y, x_va, y_va)
         info = {"config": kw, "trials": trials, "generator_seconds": round(time.perf_counter() - t0, 1),
@@ -234,10 +240,39 @@ def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str) ->
         m = multilabel_metrics((logits > 0).long(), y_te, goal)
         runs.append({"seed": seed, **{k: v for k, v in m.items() if k not in ("samples", "per_label_f1")},
                      "label0_f1": m["per_label_f1"][0]})
-    return {"variant": variant, **info, "runs": runs}
+    return {"variant": variant, "generator_seed": generator_seed, **info, "runs": runs}
 
 
 # ------------------------------------------------------------------------ report
+def _measuring(command: str) -> str:
+    """``command`` without ``--out FILE``: where results are written changes no figure."""
+    words = command.split(" ")
+    keep = [w for i, w in enumerate(words) if w != "--out" and (i == 0 or words[i - 1] != "--out")]
+    return " ".join(keep)
+
+
+def _merge(name: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Part ``name`` with ``new``'s runs replacing the ones of ``old`` they repeat; the other
+    runs and the commands that made them are kept."""
+    def commands(part: dict[str, Any]) -> list[str]:
+        return [_measuring(c) for c in part.get("commands", [part["command"]] if "command" in part else [])]
+
+    fresh = {_identity(name, r) for r in new["runs"]}
+    kept = [r for r in old.get("runs", []) if _identity(name, r) not in fresh]
+    merged = {**old, **new, "runs": kept + new["runs"]}
+    merged["commands"] = [c for c in commands(old) if c not in commands(new)] + commands(new)
+    merged.pop("command", None)
+    return merged
+
+def _identity(part: str, run: dict[str, Any]) -> str:
+    """What makes a run of ``part`` the same measurement (a rerun replaces it)."""
+    keys = {"topk_attacks": ("seed", "k", "split", "samples", "c_init", "ad_distribution"),
+            "multilabel_attacks": ("seed", "strategy"),
+            "topk_poison": ("variant", "generator_seed"),
+            "multilabel_poison": ("variant", "generator_seed")}[part]
+    defaults = {"samples": SAMPLES, "generator_seed": 0, "split": "test"}
+    return json.dumps([run.get(k, defaults.get(k)) for k in keys], sort_keys=True)
+
 def _ms(rows: list[dict[str, Any]], key: str, scale: float = 100.0, fmt: str = ".1f") -> str:
     vals = [r[key] for r in rows if r.get(key) is not None]
     if not vals:
@@ -250,19 +285,22 @@ def markdown(result: dict[str, Any]) -> str:
     lines: list[str] = []
     if "topk_attacks" in result:
         rows = result["topk_attacks"]["runs"]
-        split = rows[0].get("split", "test")
-        lines += [f"**1. Ordered top-k attacks on clean-trained `dc_cnn`, {SAMPLES} {split} images** "
+        split, n = rows[0].get("split", "test"), rows[0].get("samples", SAMPLES)
+        lines += [f"**1. Ordered top-k attacks on clean-trained `dc_cnn`, {n} {split} images** "
                   "(success %, mean L2 over successes; mean (min-max) of the seeds)", "",
-                  "| k | first c (AD / CW^k) | AD success | AD mean L2 | CW^k success | CW^k mean L2 |",
-                  "|---|---|---|---|---|---|"]
-        def c_of(r: dict[str, Any]) -> tuple[float, float]:
-            c = r.get("c_init", {"ad": 10.0, "cwk": 10.0})
-            return (c["ad"], c["cwk"])
+                  "| k | AD target distribution | first c (AD / CW^k) | AD success | AD mean L2 | CW^k success | CW^k mean L2 |",
+                  "|---|---|---|---|---|---|---|"]
 
-        for k, c in sorted({(r["k"], c_of(r)) for r in rows}):
-            sub = [r for r in rows if r["k"] == k and c_of(r) == c]
-            ad, cw = [x["ad"] for x in sub], [x["cwk"] for x in sub]
-            lines.append(f"| {k} | {c[0]:g} / {c[1]:g} | {_ms(ad, 'success_rate')} | {_ms(ad, 'mean_l2', 1, '.2f')} | "
+        def key(r: dict[str, Any]) -> tuple:
+            c = r.get("c_init", {"ad": 10.0, "cwk": 10.0})
+            d = r.get("ad_distribution", {"alpha": 10.0, "beta": 0.3, "similarity": "data"})
+            return (r["k"], d["similarity"], d["alpha"], d["beta"], c["ad"], c["cwk"])
+
+        for kk in sorted({key(r) for r in rows}):
+            sub = [r for r in rows if key(r) == kk]
+            ad, cw = [x["ad"] for x in sub if "ad" in x], [x["cwk"] for x in sub if "cwk" in x]
+            lines.append(f"| {kk[0]} | {kk[1]}, alpha {kk[2]:g}, beta {kk[3]:g} | {kk[4]:g} / {kk[5]:g} | "
+                         f"{_ms(ad, 'success_rate')} | {_ms(ad, 'mean_l2', 1, '.2f')} | "
                          f"{_ms(cw, 'success_rate')} | {_ms(cw, 'mean_l2', 1, '.2f')} |")
         lines.append("")
     if "multilabel_attacks" in result:
@@ -278,23 +316,35 @@ def markdown(result: dict[str, Any]) -> str:
                     lines.append(f"| {s} | {m} | {_ms(v, 'success_rate')} | {_ms(v, 'mean_l2', 1, '.2f')} | "
                                  f"{_ms(v, 'mean_linf', 1, '.3f')} |")
         lines.append("")
+    def by_variant(rows: list[dict[str, Any]], order: tuple[str, ...]):
+        """Per variant: one row per generator seed, then all of them pooled when there are several."""
+        for v in order:
+            sub = sorted((r for r in rows if r["variant"] == v), key=lambda r: r.get("generator_seed", 0))
+            for r in sub:
+                yield v, str(r.get("generator_seed", 0)), r["runs"], r.get("generator_seconds", "-")
+            if len(sub) > 1:
+                yield v, f"all {len(sub)} pooled", [x for r in sub for x in r["runs"]], "-"
+
     if "topk_poison" in result:
         rows = result["topk_poison"]["runs"]
-        lines += ["**3. Ordered top-k poisons (eps 0.3): downstream `dc_cnn` on the clean test split, %**", "",
-                  "| poison | accuracy | top-1 target rate (y+1) | ordered top-3 rate (y+1, y+2, y+3) | generator (s) |",
-                  "|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['variant']} | {_ms(r['runs'], 'accuracy')} | {_ms(r['runs'], 'target_rate')} | "
-                         f"{_ms(r['runs'], 'top3_rate')} | {r['generator_seconds']} |")
+        lines += ["**3. Ordered top-k poisons (eps 0.3): downstream `dc_cnn` on the clean test split, %** "
+                  "(mean (min-max) over the downstream seeds)", "",
+                  "| poison | generator seed | accuracy | top-1 target rate (y+1) | ordered top-3 rate (y+1, y+2, y+3) "
+                  "| generator (s) |", "|---|---|---|---|---|---|"]
+        for v, g, runs, sec in by_variant(rows, TOPK_POISONS):
+            lines.append(f"| {v} | {g} | {_ms(runs, 'accuracy')} | {_ms(runs, 'target_rate')} | "
+                         f"{_ms(runs, 'top3_rate')} | {sec} |")
         lines.append("")
     if "multilabel_poison" in result:
         rows = result["multilabel_poison"]["runs"]
-        lines += ["**4. Multi-label poisons (eps 0.3): downstream multi-label `dc_cnn` on the clean test composites, %**",
-                  "", "| training data | exact match | Hamming loss | macro F1 | label 0 F1 | goal rate (label 0 flipped, rest kept) |",
-                  "|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['variant']} | {_ms(r['runs'], 'exact_match')} | {_ms(r['runs'], 'hamming_loss')} | "
-                         f"{_ms(r['runs'], 'macro_f1')} | {_ms(r['runs'], 'label0_f1')} | {_ms(r['runs'], 'target_rate')} |")
+        lines += ["**4. Multi-label poisons (eps 0.3): downstream multi-label `dc_cnn` on the clean test composites, %** "
+                  "(mean (min-max) over the downstream seeds)",
+                  "", "| training data | generator seed | exact match | Hamming loss | macro F1 | label 0 F1 "
+                  "| goal rate (label 0 flipped, rest kept) |", "|---|---|---|---|---|---|---|"]
+        for v, g, runs, _ in by_variant(rows, ("clean", *ML_POISONS)):
+            lines.append(f"| {v} | {'-' if v == 'clean' else g} | {_ms(runs, 'exact_match')} | "
+                         f"{_ms(runs, 'hamming_loss')} | {_ms(runs, 'macro_f1')} | {_ms(runs, 'label0_f1')} | "
+                         f"{_ms(runs, 'target_rate')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -313,25 +363,49 @@ def main() -> None:
                     help="topk_attacks on val: the first c values to try for both methods")
     ap.add_argument("--c-init-ad", type=float, default=None, help="topk_attacks: AD's first c (default 10)")
     ap.add_argument("--c-init-cwk", type=float, default=None, help="topk_attacks: CW^k's first c (default 10)")
+    ap.add_argument("--ad-alpha", type=float, default=None, help="topk_attacks: AD's alpha (default 10)")
+    ap.add_argument("--ad-beta", type=float, default=None, help="topk_attacks: AD's beta (default 0.3)")
+    ap.add_argument("--ad-similarity", choices=["data", "none"], default=None,
+                    help="topk_attacks: AD's label similarity (default data)")
+    ap.add_argument("--topk-methods", nargs="+", choices=["ad", "cwk"], default=["ad", "cwk"],
+                    help="topk_attacks: the attacks run")
+    ap.add_argument("--ks", nargs="+", type=int, default=list(KS), help="topk_attacks: the values of k")
+    ap.add_argument("--samples", type=int, default=SAMPLES,
+                    help="topk_attacks: the first N of the seeded 500 images (exploration only; report 500)")
+    ap.add_argument("--generator-seeds", nargs="+", type=int, default=[0],
+                    help="poisons: the DeepConfuse seeds (one generator each)")
+    ap.add_argument("--topk-poisons", nargs="+", choices=TOPK_POISONS, default=list(TOPK_POISONS))
+    ap.add_argument("--ml-poisons", nargs="+", choices=("clean", *ML_POISONS), default=["clean", *ML_POISONS])
     ap.add_argument("--clean", default="data/shards/mnist5k")
     ap.add_argument("--grid", default="data/shards/mnist5k-grid")
     ap.add_argument("--workers", type=int, default=2, help="processes (each 1 torch thread)")
     ap.add_argument("--out", default="benchmarks/results/targets.json")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only merge these result files (runs in parallel with other --out) into --out, then report")
     args = ap.parse_args()
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    if args.merge:
+        for other in args.merge:
+            for name, part in json.loads(Path(other).read_text()).items():
+                result[name] = _merge(name, result.get(name, {}), part)
+        out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        print(markdown(result))
+        return
     search = {"iterations": args.iterations, "binary_steps": args.binary_steps}
+    ad = {key: v for key, v in (("alpha", args.ad_alpha), ("beta", args.ad_beta), ("similarity", args.ad_similarity))
+          if v is not None}
+    c_inits = ([{"ad": c, "cwk": c} for c in args.c_init] if args.c_init else
+               [{m: v for m, v in (("ad", args.c_init_ad), ("cwk", args.c_init_cwk)) if v is not None}])
     jobs: dict[str, list[tuple]] = {
-        "topk_attacks": (
-            [(topk_attacks, s, k, args.clean, search, args.split, {"ad": c, "cwk": c})
-             for c in args.c_init for k in KS for s in args.seeds] if args.c_init else
-            [(topk_attacks, s, k, args.clean, search, args.split,
-              {m: v for m, v in (("ad", args.c_init_ad), ("cwk", args.c_init_cwk)) if v is not None})
-             for k in KS for s in args.seeds]),
+        "topk_attacks": [(topk_attacks, s, k, args.clean, search, args.split, c, ad, args.samples,
+                          tuple(args.topk_methods)) for c in c_inits for k in args.ks for s in args.seeds],
         "multilabel_attacks": [(multilabel_attacks, s, st, args.grid, tuple(args.ml_methods), search)
                                for st in STRATEGIES for s in args.seeds],
-        "topk_poison": [(topk_poison, v, args.seeds, args.trials, args.clean) for v in TOPK_POISONS],
-        "multilabel_poison": [(multilabel_poison, v, args.seeds, args.trials, args.grid) for v in ("clean", *ML_POISONS)],
+        "topk_poison": [(topk_poison, v, args.seeds, args.trials, args.clean, g)
+                        for g in args.generator_seeds for v in args.topk_poisons],
+        "multilabel_poison": [(multilabel_poison, v, args.seeds, args.trials, args.grid, g)
+                              for g in args.generator_seeds for v in args.ml_poisons],
     }
     with ProcessPoolExecutor(args.workers) as pool:
         # the long generator trainings first, so the short attack jobs fill in around them
@@ -340,10 +414,11 @@ def main() -> None:
         for name in args.only:
             t0 = time.perf_counter()
             runs = [f.result() for f in futures[name]]
-            result[name] = {"runs": runs, "seconds_waited": time.perf_counter() - t0, "search": search,
-                            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                            "machine": {"cpus": os.cpu_count(), "workers": args.workers,
-                                        "python": platform.python_version(), "torch": torch.__version__}}
+            command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+            result[name] = _merge(name, result.get(name, {}), {
+                "runs": runs, "seconds_waited": time.perf_counter() - t0, "search": search, "commands": [command],
+                "machine": {"cpus": os.cpu_count(), "workers": args.workers,
+                            "python": platform.python_version(), "torch": torch.__version__}})
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
             print(f"{name}: {len(runs)} runs", flush=True)
