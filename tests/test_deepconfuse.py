@@ -98,7 +98,7 @@ def test_perturb_within_eps_and_range(eps):
     x = torch.rand(4, 1, 6, 6, generator=_gen(0))
     pattern = torch.sign(torch.randn(1, 1, 6, 6, generator=_gen(1)))
     gen = Constant(pattern)
-    out = perturb(gen, x, eps)
+    out = perturb(gen, x, eps).detach()  # perturb keeps the graph (the generator trains through it)
     assert float(out.min()) >= 0 and float(out.max()) <= 1
     assert float((out - x).abs().max()) <= eps + 1e-6
     # it really moves: interior pixels move by eps * tanh(3)
