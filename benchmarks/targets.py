@@ -285,21 +285,21 @@ def markdown(result: dict[str, Any]) -> str:
     lines: list[str] = []
     if "topk_attacks" in result:
         rows = result["topk_attacks"]["runs"]
-        split, n = rows[0].get("split", "test"), rows[0].get("samples", SAMPLES)
-        lines += [f"**1. Ordered top-k attacks on clean-trained `dc_cnn`, {n} {split} images** "
+        split = rows[0].get("split", "test")
+        lines += [f"**1. Ordered top-k attacks on clean-trained `dc_cnn`, {split} images** "
                   "(success %, mean L2 over successes; mean (min-max) of the seeds)", "",
-                  "| k | AD target distribution | first c (AD / CW^k) | AD success | AD mean L2 | CW^k success | CW^k mean L2 |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| k | images | AD target distribution | first c (AD / CW^k) | AD success | AD mean L2 | CW^k success | CW^k mean L2 |",
+                  "|---|---|---|---|---|---|---|---|"]
 
         def key(r: dict[str, Any]) -> tuple:
             c = r.get("c_init", {"ad": 10.0, "cwk": 10.0})
             d = r.get("ad_distribution", {"alpha": 10.0, "beta": 0.3, "similarity": "data"})
-            return (r["k"], d["similarity"], d["alpha"], d["beta"], c["ad"], c["cwk"])
+            return (r["k"], -r.get("samples", SAMPLES), d["similarity"], d["alpha"], d["beta"], c["ad"], c["cwk"])
 
         for kk in sorted({key(r) for r in rows}):
             sub = [r for r in rows if key(r) == kk]
             ad, cw = [x["ad"] for x in sub if "ad" in x], [x["cwk"] for x in sub if "cwk" in x]
-            lines.append(f"| {kk[0]} | {kk[1]}, alpha {kk[2]:g}, beta {kk[3]:g} | {kk[4]:g} / {kk[5]:g} | "
+            lines.append(f"| {kk[0]} | {-kk[1]} | {kk[2]}, alpha {kk[3]:g}, beta {kk[4]:g} | {kk[5]:g} / {kk[6]:g} | "
                          f"{_ms(ad, 'success_rate')} | {_ms(ad, 'mean_l2', 1, '.2f')} | "
                          f"{_ms(cw, 'success_rate')} | {_ms(cw, 'mean_l2', 1, '.2f')} |")
         lines.append("")
