@@ -47,6 +47,7 @@ PARTS = ("topk_attacks", "multilabel_attacks", "topk_poison", "multilabel_poison
 KS = (1, 3, 5)
 STRATEGIES = ("random", "extreme", "reduction", "augmentation")
 ML_METHODS = ("ml_cw", "ml_dp", "rank_i", "rank_ii")
+ML_SPACES = ("probability", "logit")
 SEARCH = {"iterations": 100, "binary_steps": 4}  # CW-style search budget (CPU); both sides of a comparison share it
 TOPK_POISONS = ("label_specific", "topk1", "topk3")
 ML_POISONS = ("flip", "untargeted")
@@ -135,7 +136,12 @@ def _cat(parts):
 
 # ---------------------------------------------------------- 2. multi-label attacks
 def multilabel_attacks(seed: int, strategy: str, grid: str, methods: tuple[str, ...],
-                       search: dict[str, int]) -> dict[str, Any]:
+                       search: dict[str, int], split: str = "test", samples: int = SAMPLES,
+                       spaces: tuple[str, ...] = ("probability",)) -> dict[str, Any]:
+    """One victim, one strategy: each method (CW-style ones once per loss space) on the images.
+
+    Results are keyed by method, with ``_logit`` appended for the logit-space losses (ML-DP
+    has no loss space and runs once)."""
     from poison.attacks.multilabel import MultiLabelAttackConfig, attack, make_targets
     from poison.shards import load_split, read_manifest
     from poison.train import to_float
@@ -144,26 +150,41 @@ def multilabel_attacks(seed: int, strategy: str, grid: str, methods: tuple[str, 
     torch.set_num_threads(1)
     nl = len(read_manifest(grid)["classes"])
     x, y, _ = load_split(grid, "train")
-    x_te, y_te, _ = load_split(grid, "test")
+    x_te, y_te, _ = load_split(grid, split)
     model = _victim(x, y, nl, seed, "multilabel-victim")
-    idx = _subset(x_te.shape[0], seed)
+    idx = _subset(x_te.shape[0], seed)[:samples]
     xs, ys = to_float(x_te[idx]), y_te[idx].float()
-    targets, valid = make_targets(ys, strategy, make_generator(seed, "bench-targets", "ml-targets", strategy))
     with torch.no_grad():
-        pred = (model(xs) > 0).float()
-    out: dict[str, Any] = {"seed": seed, "strategy": strategy, "valid": int(valid.sum()),
-                           "clean_exact_match": float((pred == ys).all(1).float().mean())}
-    for method in methods:
-        cfg = MultiLabelAttackConfig(method=method, strategy=strategy, **search)
+        z = model(xs)
+    pred = (z > 0).float()
+    f = torch.sigmoid(z)  # float32: f == 0 or 1 exactly has zero gradient, the hinge in f cannot move it
+    saturation = {"clean_logit_abs_median": float(z.abs().median()),
+                  "saturated_labels": float(((f == 0) | (f == 1)).float().mean()),
+                  "saturated_images": float(((f == 0) | (f == 1)).any(1).float().mean())}
+    # The attacker starts from what the model predicts: each target flips
+    # labels of the clean prediction and keeps the rest, so the attack's cost is the change it
+    # asks for, not also the repair of the model's own mistakes on the ground truth.
+    targets, valid = make_targets(pred, strategy, make_generator(seed, "bench-targets", "ml-targets", strategy))
+    out: dict[str, Any] = {"seed": seed, "strategy": strategy, "split": split, "samples": int(idx.numel()),
+                           "valid": int(valid.sum()), "targets_from": "prediction",
+                           "clean_exact_match": float((pred == ys).all(1).float().mean())} | saturation
+    runs = [(m, sp) for m in methods for sp in (("probability",) if m == "ml_dp" else spaces)]
+    out["measured"] = [_ml_key(m, sp) for m, sp in runs]
+    for method, space in runs:
+        cfg = MultiLabelAttackConfig(method=method, strategy=strategy, space=space, **search)
         t0 = time.perf_counter()
-        parts = [attack(model, xs[i : i + 250], ys[i : i + 250], targets[i : i + 250], cfg)
+        parts = [attack(model, xs[i : i + 250], pred[i : i + 250], targets[i : i + 250], cfg)
                  for i in range(0, xs.shape[0], 250)]
         res = _cat(parts)
         exact = torch.cat([p.exact for p in parts]) if hasattr(parts[0], "exact") else res.success
-        out[method] = _metrics(res, valid) | {
+        out[_ml_key(method, space)] = _metrics(res, valid) | {
             "exact_match_rate": float((exact & valid).sum()) / max(int(valid.sum()), 1),
             "seconds": round(time.perf_counter() - t0, 1)}
     return out
+
+
+def _ml_key(method: str, space: str) -> str:
+    return method if space == "probability" else f"{method}_{space}"
 
 
 # ---------------------------------------------------------------- 3. top-k poisons
@@ -267,10 +288,11 @@ def _merge(name: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any
 def _identity(part: str, run: dict[str, Any]) -> str:
     """What makes a run of ``part`` the same measurement (a rerun replaces it)."""
     keys = {"topk_attacks": ("seed", "k", "split", "samples", "c_init", "ad_distribution"),
-            "multilabel_attacks": ("seed", "strategy"),
+            "multilabel_attacks": ("seed", "strategy", "split", "samples", "measured"),
             "topk_poison": ("variant", "generator_seed"),
             "multilabel_poison": ("variant", "generator_seed")}[part]
-    defaults = {"samples": SAMPLES, "generator_seed": 0, "split": "test"}
+    defaults = {"samples": SAMPLES, "generator_seed": 0, "split": "test",
+                "measured": ["ml_cw", "ml_dp"]}
     return json.dumps([run.get(k, defaults.get(k)) for k in keys], sort_keys=True)
 
 def _ms(rows: list[dict[str, Any]], key: str, scale: float = 100.0, fmt: str = ".1f") -> str:
@@ -305,14 +327,16 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if "multilabel_attacks" in result:
         rows = result["multilabel_attacks"]["runs"]
-        lines += [f"**2. Multi-label attacks on a clean-trained multi-label `dc_cnn`, {SAMPLES} test composites** "
-                  "(success % of valid targets (exact match; Rank I/II: ranking order), mean L2 / L-inf over successes)",
+        split, n = rows[0].get("split", "test"), rows[0].get("samples", SAMPLES)
+        lines += [f"**2. Multi-label attacks on a clean-trained multi-label `dc_cnn`, {n} {split} composites** "
+                  "(targets flip labels of the model's clean prediction; success % of valid targets (exact match; "
+                  "Rank I/II: ranking order), mean L2 / L-inf over successes)",
                   "", "| strategy | method | success | mean L2 | mean L-inf |", "|---|---|---|---|---|"]
         for s in STRATEGIES:
             sub = [r for r in rows if r["strategy"] == s]
-            for m in ML_METHODS:
-                if sub and m in sub[0]:
-                    v = [x[m] for x in sub]
+            for m in [_ml_key(m, sp) for sp in ML_SPACES for m in ML_METHODS]:
+                v = [x[m] for x in sub if m in x]
+                if v:
                     lines.append(f"| {s} | {m} | {_ms(v, 'success_rate')} | {_ms(v, 'mean_l2', 1, '.2f')} | "
                                  f"{_ms(v, 'mean_linf', 1, '.3f')} |")
         lines.append("")
@@ -355,10 +379,12 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=6, help="generator trials of the poisons (equal for all)")
     ap.add_argument("--ml-methods", nargs="+", choices=ML_METHODS, default=["ml_cw", "ml_dp"])
+    ap.add_argument("--ml-spaces", nargs="+", choices=ML_SPACES, default=["probability"],
+                    help="multilabel_attacks: the loss spaces of the CW-style methods (probability: the paper's)")
     ap.add_argument("--iterations", type=int, default=SEARCH["iterations"], help="CW-style Adam steps per c")
     ap.add_argument("--binary-steps", type=int, default=SEARCH["binary_steps"], help="CW-style values of c")
     ap.add_argument("--split", choices=["test", "val"], default="test",
-                    help="topk_attacks: the images attacked (val: to choose c_init; test: to report)")
+                    help="topk_attacks, multilabel_attacks: the images attacked (val: to choose settings; test: to report)")
     ap.add_argument("--c-init", nargs="+", type=float, default=None,
                     help="topk_attacks on val: the first c values to try for both methods")
     ap.add_argument("--c-init-ad", type=float, default=None, help="topk_attacks: AD's first c (default 10)")
@@ -371,7 +397,7 @@ def main() -> None:
                     help="topk_attacks: the attacks run")
     ap.add_argument("--ks", nargs="+", type=int, default=list(KS), help="topk_attacks: the values of k")
     ap.add_argument("--samples", type=int, default=SAMPLES,
-                    help="topk_attacks: the first N of the seeded 500 images (exploration only; report 500)")
+                    help="topk_attacks, multilabel_attacks: the first N of the seeded 500 images (exploration only; report 500)")
     ap.add_argument("--generator-seeds", nargs="+", type=int, default=[0],
                     help="poisons: the DeepConfuse seeds (one generator each)")
     ap.add_argument("--topk-poisons", nargs="+", choices=TOPK_POISONS, default=list(TOPK_POISONS))
@@ -400,7 +426,8 @@ def main() -> None:
     jobs: dict[str, list[tuple]] = {
         "topk_attacks": [(topk_attacks, s, k, args.clean, search, args.split, c, ad, args.samples,
                           tuple(args.topk_methods)) for c in c_inits for k in args.ks for s in args.seeds],
-        "multilabel_attacks": [(multilabel_attacks, s, st, args.grid, tuple(args.ml_methods), search)
+        "multilabel_attacks": [(multilabel_attacks, s, st, args.grid, tuple(args.ml_methods), search, args.split,
+                                args.samples, tuple(args.ml_spaces))
                                for st in STRATEGIES for s in args.seeds],
         "topk_poison": [(topk_poison, v, args.seeds, args.trials, args.clean, g)
                         for g in args.generator_seeds for v in args.topk_poisons],

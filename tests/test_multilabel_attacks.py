@@ -199,14 +199,47 @@ def test_losses_have_finite_gradients_with_empty_sides():
         assert torch.isfinite(g).all() and (g.abs().sum(1) > 0).all()
 
 
+@pytest.mark.parametrize("kappa", [0.0, 2.0])
+def test_logit_space_losses_use_logits_and_threshold_zero(kappa):
+    targets = torch.tensor([[1, 0, 1, 0]] * 3)
+    z = torch.tensor([
+        [kappa + 0.5, -kappa - 0.5, 8.0, -8.0],
+        [kappa - 0.25, -3.0, 3.0, -3.0],        # one margin short by 0.25
+        [3.0, -3.0, 3.0, 1.0],                  # one label on the wrong side by 1
+    ], dtype=torch.float64)
+    loss = M.ml_cw_loss(targets, kappa, "logit")(z)
+    assert loss[0] == 0
+    assert math.isclose(float(loss[1]), 0.25, abs_tol=1e-9)
+    assert math.isclose(float(loss[2]), 1.0 + kappa, abs_tol=1e-9)
+    # Rank I: min target positive 3 vs max target negative 1 leads by 2; one-sided rows face 0
+    r = M.rank_i_loss(torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0]]), kappa, "logit")(
+        torch.tensor([[3.0, 1.0, 5.0, -2.0], [-0.5, -1.0, -2.0, -3.0]], dtype=torch.float64))
+    assert math.isclose(float(r[0]), max(0.0, kappa - 2.0), abs_tol=1e-9)
+    assert math.isclose(float(r[1]), max(0.0, kappa - 0.5), abs_tol=1e-9)
+    with pytest.raises(ValueError, match="^space: "):
+        M.ml_cw_loss(targets, 0.0, "softmax")
+
+
+def test_logit_space_keeps_a_gradient_where_the_sigmoid_saturates():
+    """A label at z = 40 has f == 1 exactly in float32: the paper's hinge in f cannot move it."""
+    targets = torch.tensor([[0, 1]])
+    z = torch.tensor([[40.0, 1.0]], requires_grad=True)
+    (g_prob,) = torch.autograd.grad(M.ml_cw_loss(targets)(z).sum(), [z])
+    (g_logit,) = torch.autograd.grad(M.ml_cw_loss(targets, space="logit")(z).sum(), [z])
+    assert M.ml_cw_loss(targets)(z).item() > 0 and g_prob[0, 0] == 0
+    assert g_logit[0, 0] == 1 and g_logit[0, 1] == 0
+
+
 # ------------------------------------------------------------------- attacks
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("method", ["ml_cw", "ml_dp", "rank_i", "rank_ii"])
+@pytest.mark.parametrize("method, space", [("ml_cw", "probability"), ("ml_dp", "probability"),
+                                           ("rank_i", "probability"), ("rank_ii", "probability"),
+                                           ("ml_cw", "logit"), ("rank_ii", "logit")])
 @pytest.mark.parametrize("strategy", ["random", "augmentation", "extreme", "reduction"])
-def test_attacks_reach_the_target_on_a_linear_model(method, strategy):
+def test_attacks_reach_the_target_on_a_linear_model(method, space, strategy):
     model = _linear_model().train()
     model[1].bias.requires_grad_(False)
     before = _state(model)
@@ -215,7 +248,7 @@ def test_attacks_reach_the_target_on_a_linear_model(method, strategy):
         labels = (model(x) > 0).float()
     targets, valid = M.make_targets(labels, strategy, torch.Generator().manual_seed(2))
     assert valid.sum() >= 6
-    cfg = M.MultiLabelAttackConfig(method=method, strategy=strategy, **FAST)
+    cfg = M.MultiLabelAttackConfig(method=method, strategy=strategy, space=space, **FAST)
     res = M.attack(model, x, labels, targets, cfg)
 
     assert isinstance(res, CWResult) and bool(res.success[valid].all())
@@ -290,6 +323,8 @@ def test_config_search_and_defaults():
     ({"abort_early": 1}, "abort_early"),
     ({"label": -1, "strategy": "reduction"}, "label"),
     ({"label": 1}, "label"),
+    ({"space": "softmax"}, "space"),
+    ({"space": "logit", "kappa": -1.0}, "kappa"),
 ])
 def test_config_errors_name_the_key(changes, key):
     with pytest.raises(ConfigError, match=f"^{key}: "):
@@ -300,3 +335,4 @@ def test_config_error_lists_the_known_methods():
     with pytest.raises(ConfigError, match="ml_cw, rank_i, rank_ii, ml_dp"):
         M.MultiLabelAttackConfig(method="ml-cw")
     assert M.MultiLabelAttackConfig(method="rank_i", kappa=0.6).kappa == 0.6
+    assert M.MultiLabelAttackConfig(space="logit", kappa=2.0).kappa == 2.0  # logits: no 0.5 bound

@@ -11,7 +11,8 @@ Target strategies (``make_targets``): random (flip one positive and one negative
 Attacks (``attack``, dispatched by name; the CW-style ones only differ by the loss they
 pass to ``poison.attacks.cw.cw_search``):
 
-- ML-CW: min ||x' - x||_2^2 + c * sum_l max(0, -y*_l (f_l(x') - 0.5) + kappa); success =
+- ML-CW: min ||x' - x||_2^2 + c * sum_l max(0, -y*_l (f_l(x') - 0.5) + kappa) (or in logits,
+  ``space``); success =
   exact match (every label's prediction equals the target).
 - Rank I: max(0, max_{j: y*_j = -1} f_j - min_{i: y*_i = +1} f_i + kappa): target positives
   above target negatives. Success = that ranking (``rank_success``); exact match is
@@ -32,8 +33,16 @@ pass to ``poison.attacks.cw.cw_search``):
   the f version reached 18% of random targets) with b = -z for the labels that do not match
   yet and b = 0 for the others, which are held to first order.
 
-``kappa`` is a margin in probability units (f), like the paper's hinge. With kappa = 0 a
-loss is 0 on the boundary itself, where success (strict inequalities) does not hold yet.
+``space`` [adapt]: the CW-style losses compare f = sigmoid(z), as the paper does
+("probability"), or the logits z with threshold 0 ("logit"): the same decision boundary and
+the same ranking (sigmoid is monotonic), but no vanishing slope where f saturates. A
+clean-trained multi-label ``dc_cnn`` on the 2x2 composites has median |z| 6.6 (f' about 1e-3)
+and 13% of images with a label at f exactly 0 or 1 in float32 (zero gradient), which the
+hinge in f cannot move (BENCHMARKS.md section 8).
+
+``kappa`` is a margin in the units of ``space`` (like the paper's hinge in probability
+units). With kappa = 0 a loss is 0 on the boundary itself, where success (strict
+inequalities) does not hold yet.
 
 Search defaults [adapt]: 200 Adam steps, 6 binary-search steps, c0 = 10 (a CPU budget);
 the paper's code uses 1000 steps, 10 binary-search steps and c0 = 1e5, which a benchmark
@@ -57,7 +66,7 @@ from poison.attacks.cw import CWConfig, CWResult, Loss, Success, cw_search, norm
 from poison.errors import ConfigError
 from poison.utils import frozen
 
-__all__ = ["STRATEGIES", "METHODS", "MultiLabelAttackConfig", "MultiLabelResult", "make_targets", "exact_match",
+__all__ = ["STRATEGIES", "SPACES", "METHODS", "MultiLabelAttackConfig", "MultiLabelResult", "make_targets", "exact_match",
            "rank_success", "ml_cw_loss", "rank_i_loss", "rank_ii_loss", "ml_dp", "attack", "attack_metrics"]
 
 
@@ -190,42 +199,67 @@ def rank_success(logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tens
 
 
 # -------------------------------------------------------------------- losses
-def ml_cw_loss(targets: torch.Tensor, kappa: float = 0.0) -> Loss:
-    """Return logits (N, L) -> (N,) sum_l max(0, -y*_l (f_l - 0.5) + kappa), f = sigmoid(logits)."""
+SPACES = ("probability", "logit")
+
+
+def _scores(logits: torch.Tensor, space: str) -> tuple[torch.Tensor, float]:
+    """The scores the CW-style losses compare, and their decision threshold."""
+    if space == "probability":
+        return torch.sigmoid(logits), 0.5
+    if space == "logit":
+        return logits, 0.0
+    raise ValueError(f"space: expected one of {', '.join(SPACES)}, got {space!r}")
+
+
+def ml_cw_loss(targets: torch.Tensor, kappa: float = 0.0, space: str = "probability") -> Loss:
+    """Return logits (N, L) -> (N,) sum_l max(0, -y*_l (s_l - threshold) + kappa).
+
+    s = f = sigmoid(logits) with threshold 0.5 (``space="probability"``, the paper), or the
+    logits with threshold 0 (``space="logit"``).
+    """
+    _scores(torch.zeros(1), space)  # validate now, not at the first call
+
     def loss(logits: torch.Tensor) -> torch.Tensor:
         y = _as_bool(targets).to(logits.device, logits.dtype) * 2 - 1
-        return torch.relu(-y * (torch.sigmoid(logits) - 0.5) + kappa).sum(1)
+        scores, threshold = _scores(logits, space)
+        return torch.relu(-y * (scores - threshold) + kappa).sum(1)
     return loss
 
 
-def _rank_i(f: torch.Tensor, t: torch.Tensor, kappa: float) -> torch.Tensor:
-    pos_min, neg_max = _sides(f, t, ~t, 0.5)
+def _rank_i(f: torch.Tensor, t: torch.Tensor, kappa: float, threshold: float) -> torch.Tensor:
+    pos_min, neg_max = _sides(f, t, ~t, threshold)
     return torch.relu(neg_max - pos_min + kappa)
 
 
-def rank_i_loss(targets: torch.Tensor, kappa: float = 0.0) -> Loss:
-    """Return logits (N, L) -> (N,) max(0, max_{target negatives} f - min_{target positives} f + kappa).
+def rank_i_loss(targets: torch.Tensor, kappa: float = 0.0, space: str = "probability") -> Loss:
+    """Return logits (N, L) -> (N,) max(0, max_{target negatives} s - min_{target positives} s + kappa).
 
-    An empty side is replaced by the threshold 0.5 (see the module docstring).
+    s: f = sigmoid(logits) or the logits (``space``); an empty side is replaced by the
+    threshold (0.5 or 0; see the module docstring).
     """
+    _scores(torch.zeros(1), space)
+
     def loss(logits: torch.Tensor) -> torch.Tensor:
-        return _rank_i(torch.sigmoid(logits), _as_bool(targets).to(logits.device), kappa)
+        scores, threshold = _scores(logits, space)
+        return _rank_i(scores, _as_bool(targets).to(logits.device), kappa, threshold)
     return loss
 
 
-def rank_ii_loss(targets: torch.Tensor, labels: torch.Tensor, kappa: float = 0.0) -> Loss:
-    """Return logits (N, L) -> (N,) Rank I + max(0, max_{removed} f - min_{kept negatives} f + kappa).
+def rank_ii_loss(targets: torch.Tensor, labels: torch.Tensor, kappa: float = 0.0, space: str = "probability") -> Loss:
+    """Return logits (N, L) -> (N,) Rank I + max(0, max_{removed} s - min_{kept negatives} s + kappa).
 
     removed: labels 1 and targets 0; kept negatives: labels 0 and targets 0. No removed
-    label: the second term is 0; no kept negative: the removed labels face 0.5.
+    label: the second term is 0; no kept negative: the removed labels face the threshold.
     """
+    _scores(torch.zeros(1), space)
+
     def loss(logits: torch.Tensor) -> torch.Tensor:
-        f = torch.sigmoid(logits)
+        f, threshold = _scores(logits, space)
         removed, kept = _removed_kept(targets, labels, logits.device)
-        kept_min, removed_max = _sides(f, kept, removed, 0.5)
+        kept_min, removed_max = _sides(f, kept, removed, threshold)
         # where (not a product) keeps the +-inf of an empty side out of the gradient
         extra = torch.where(removed.any(1), torch.relu(removed_max - kept_min + kappa), torch.zeros_like(kept_min))
-        return _rank_i(f, _as_bool(targets).to(logits.device), kappa) + extra
+        return _rank_i(f, _as_bool(targets).to(logits.device), kappa, threshold) + extra
     return loss
 
 
@@ -241,7 +275,8 @@ class MultiLabelAttackConfig:
     method: str = "ml_cw"        # ml_cw | ml_dp | rank_i | rank_ii
     strategy: str = "random"     # random | extreme | reduction | augmentation
     label: int | None = None     # the label reduction removes / augmentation adds (None: random)
-    kappa: float = 0.0           # margin in probability units (ML-CW, Rank I/II; ML-DP ignores it)
+    kappa: float = 0.0           # margin in the units of space (ML-CW, Rank I/II; ML-DP ignores it)
+    space: str = "probability"   # ML-CW, Rank I/II compare f = sigmoid(z) (paper) | logit: z [adapt]
     iterations: int = 200        # CW-style: Adam steps per value of c
     lr: float = 0.1              # Adam in tanh space (paper 0.01 over 1000 steps; 0.01 barely moves saturated pixels in 200)
     binary_steps: int = 6
@@ -269,9 +304,15 @@ class MultiLabelAttackConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"{key}: expected a finite number, got {v!r}")
-        if not 0 <= self.kappa < (0.5 if self.method == "ml_cw" else 1.0):
+        if self.space not in SPACES:
+            raise ConfigError(f"space: expected one of {', '.join(SPACES)}, got {self.space!r}")
+        if self.space == "logit":
+            if not self.kappa >= 0:
+                raise ConfigError(f"kappa: expected >= 0 (a margin in logits), got {self.kappa}")
+        elif not 0 <= self.kappa < (0.5 if self.method == "ml_cw" else 1.0):
             bound = "0.5 (f - 0.5 cannot exceed it)" if self.method == "ml_cw" else "1"
-            raise ConfigError(f"kappa: expected 0 <= kappa < {bound} for method {self.method!r}, got {self.kappa}")
+            raise ConfigError(f"kappa: expected 0 <= kappa < {bound} for method {self.method!r} in probability "
+                              f"space, got {self.kappa} (or set space: logit)")
         for key in ("lr", "c_init"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}: expected > 0, got {getattr(self, key)}")
@@ -359,18 +400,20 @@ def ml_dp(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: MultiLa
 
 
 # ---------------------------------------------------------------------- attack
-#: CW-style method -> (labels, targets, kappa) -> (loss, success) for ``cw_search``
-_CW_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], tuple[Loss, Success]]] = {
-    "ml_cw": lambda labels, targets, kappa: (ml_cw_loss(targets, kappa), partial(exact_match, targets=targets)),
-    "rank_i": lambda labels, targets, kappa: (rank_i_loss(targets, kappa), partial(rank_success, targets=targets)),
-    "rank_ii": lambda labels, targets, kappa: (rank_ii_loss(targets, labels, kappa),
-                                               partial(rank_success, targets=targets, labels=labels)),
+#: CW-style method -> (labels, targets, kappa, space) -> (loss, success) for ``cw_search``
+_CW_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor, float, str], tuple[Loss, Success]]] = {
+    "ml_cw": lambda labels, targets, kappa, space: (ml_cw_loss(targets, kappa, space),
+                                                    partial(exact_match, targets=targets)),
+    "rank_i": lambda labels, targets, kappa, space: (rank_i_loss(targets, kappa, space),
+                                                     partial(rank_success, targets=targets)),
+    "rank_ii": lambda labels, targets, kappa, space: (rank_ii_loss(targets, labels, kappa, space),
+                                                      partial(rank_success, targets=targets, labels=labels)),
 }
 
 
 def _cw_method(name: str, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
                cfg: MultiLabelAttackConfig) -> CWResult:
-    loss, success = _CW_METHODS[name](labels, targets, cfg.kappa)
+    loss, success = _CW_METHODS[name](labels, targets, cfg.kappa, cfg.space)
     return cw_search(model, x, loss, success, cfg.search())
 
 
