@@ -304,6 +304,7 @@ def test_config_search_and_defaults():
     s = cfg.search()
     assert (s.iterations, s.lr, s.binary_steps, s.c_init) == (200, 0.1, 6, 10.0)
     assert (cfg.max_iterations, cfg.overshoot) == (20, 0.02)
+    assert cfg.space == "logit"  # the paper's probability-space hinge stalls where f saturates
     assert set(M.METHODS) == {"ml_cw", "ml_dp", "rank_i", "rank_ii"}
 
 
@@ -311,7 +312,7 @@ def test_config_search_and_defaults():
     ({"method": "fgsm"}, "method"),
     ({"strategy": "swap"}, "strategy"),
     ({"kappa": -0.1}, "kappa"),
-    ({"kappa": 0.5}, "kappa"),
+    ({"kappa": 0.5, "space": "probability"}, "kappa"),
     ({"kappa": float("nan")}, "kappa"),
     ({"iterations": 0}, "iterations"),
     ({"iterations": 2.5}, "iterations"),
@@ -334,5 +335,5 @@ def test_config_errors_name_the_key(changes, key):
 def test_config_error_lists_the_known_methods():
     with pytest.raises(ConfigError, match="ml_cw, rank_i, rank_ii, ml_dp"):
         M.MultiLabelAttackConfig(method="ml-cw")
-    assert M.MultiLabelAttackConfig(method="rank_i", kappa=0.6).kappa == 0.6
+    assert M.MultiLabelAttackConfig(method="rank_i", kappa=0.6, space="probability").kappa == 0.6
     assert M.MultiLabelAttackConfig(space="logit", kappa=2.0).kappa == 2.0  # logits: no 0.5 bound
