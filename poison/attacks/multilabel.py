@@ -31,7 +31,9 @@ pass to ``poison.attacks.cw.cw_search``):
   linearises f and aims every label at 0.5; [adapt] we linearise the logits z (the same
   boundary z = 0, but no vanishing slope where f saturates: measured on MNIST composites,
   the f version reached 18% of random targets) with b = -z for the labels that do not match
-  yet and b = 0 for the others, which are held to first order.
+  yet and b = 0 for the others, which are held to first order. [adapt] The box [0, 1]: a
+  pixel the clip pins is left out of every later solve of that sample (it stays pinned),
+  so the steps do not pile up behind the clip and stall.
 
 ``space`` [adapt]: the CW-style losses compare f = sigmoid(z), as the paper does
 ("probability"), or the logits z with threshold 0 ("logit"): the same decision boundary and
