@@ -207,13 +207,14 @@ def rank_success(logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tens
 SPACES = ("probability", "logit")
 
 
+def _check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"space: expected one of {', '.join(SPACES)}, got {space!r}")
+
+
 def _scores(logits: torch.Tensor, space: str) -> tuple[torch.Tensor, float]:
     """The scores the CW-style losses compare, and their decision threshold."""
-    if space == "probability":
-        return torch.sigmoid(logits), 0.5
-    if space == "logit":
-        return logits, 0.0
-    raise ValueError(f"space: expected one of {', '.join(SPACES)}, got {space!r}")
+    return (torch.sigmoid(logits), 0.5) if space == "probability" else (logits, 0.0)
 
 
 def ml_cw_loss(targets: torch.Tensor, kappa: float = 0.0, space: str = "probability") -> Loss:
@@ -222,7 +223,7 @@ def ml_cw_loss(targets: torch.Tensor, kappa: float = 0.0, space: str = "probabil
     s = f = sigmoid(logits) with threshold 0.5 (``space="probability"``, the paper), or the
     logits with threshold 0 (``space="logit"``).
     """
-    _scores(torch.zeros(1), space)  # validate now, not at the first call
+    _check_space(space)  # now, not at the first call
 
     def loss(logits: torch.Tensor) -> torch.Tensor:
         y = _as_bool(targets).to(logits.device, logits.dtype) * 2 - 1
@@ -242,7 +243,7 @@ def rank_i_loss(targets: torch.Tensor, kappa: float = 0.0, space: str = "probabi
     s: f = sigmoid(logits) or the logits (``space``); an empty side is replaced by the
     threshold (0.5 or 0; see the module docstring).
     """
-    _scores(torch.zeros(1), space)
+    _check_space(space)
 
     def loss(logits: torch.Tensor) -> torch.Tensor:
         scores, threshold = _scores(logits, space)
@@ -256,7 +257,7 @@ def rank_ii_loss(targets: torch.Tensor, labels: torch.Tensor, kappa: float = 0.0
     removed: labels 1 and targets 0; kept negatives: labels 0 and targets 0. No removed
     label: the second term is 0; no kept negative: the removed labels face the threshold.
     """
-    _scores(torch.zeros(1), space)
+    _check_space(space)
 
     def loss(logits: torch.Tensor) -> torch.Tensor:
         f, threshold = _scores(logits, space)
