@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from poison.errors import ShardError
-from poison.shards import _checked_samples, _tar_samples, check_shard_bytes, label_count, parse_manifest, shard_name
+from poison.shard_reader import _checked_samples, _tar_samples, check_shard_bytes, label_count, parse_manifest, shard_name
 from poison.stores import Store, fetch_from_dvc, open_store
 from poison.utils import make_generator, sha256_bytes
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 from poison.errors import ShardError
 from poison.card import dataset_card
-from poison.shards import check_shard_bytes, parse_manifest, read_manifest, shard_name, verify_dataset
+from poison.shard_reader import check_shard_bytes, parse_manifest, read_manifest, shard_name, verify_dataset
 from poison.stores import LocalStore, Store, open_store
 from poison.utils import canonical_json, sha256_bytes, sha256_file
 
