@@ -139,3 +139,29 @@ def test_topk_adversarial_term_carries_the_inverse_lists():
         first, second, third = (c - 1) % 5, (c - 2) % 5, (c - 3) % 5  # poison of c carries y = c-1 first, ...
         others = [j for j in range(5) if j not in (first, second, third)]
         assert q[c, first] > q[c, second] > q[c, third] > q[c, others].max()
+
+
+def test_untargeted_losses_log_not_true_is_bounded_and_ignores_confidently_wrong_images():
+    """The default untargeted loss, -log(1 - p_y): 0 once an image is confidently wrong, so its
+    gradient goes to the images still classified correctly (-CE keeps paying for the wrong ones)."""
+    y = torch.tensor([0, 1, 2])
+    logits = torch.tensor([[0.0, 30.0, 0.0],   # confidently wrong
+                           [0.0, 2.0, 0.0],    # right
+                           [0.0, 0.0, 0.0]])   # undecided
+    lnt = Target.from_config(_cfg(untargeted_loss="log_not_true"), 3)
+    ce = Target.from_config(_cfg(), 3)
+    p_y = F.softmax(logits, 1).gather(1, y[:, None]).squeeze(1)
+    assert torch.allclose(lnt.generator_loss(logits, y), -torch.log1p(-p_y).mean())
+    assert torch.allclose(ce.generator_loss(logits, y), -F.cross_entropy(logits, y))
+    grads = {}
+    for name, target in (("lnt", lnt), ("ce", ce)):
+        z = logits.clone().requires_grad_(True)
+        target.generator_loss(z, y).backward()
+        grads[name] = z.grad.norm(dim=1)
+    assert grads["lnt"][0] < 1e-6 < grads["ce"][0]      # the wrong image: lnt stops, -CE keeps pushing
+    assert grads["lnt"][1] > grads["lnt"][2] > 1e-3      # the effort goes to the right ones
+    # bounded below by 0 and finite even when p_y rounds to 1
+    assert float(lnt.generator_loss(logits, y)) >= 0
+    sure = torch.tensor([[100.0, 0.0, 0.0]])
+    assert torch.isfinite(lnt.generator_loss(sure, torch.tensor([0])))
+
