@@ -1,10 +1,12 @@
 """Flow ``regenerate`` (the scheduled one): ``dvc pull`` -> ``dvc repro`` -> ``dvc push``.
 
-Keeps scheduled runs recorded in ``dvc.lock``. Optionally commits ``dvc.lock`` and the
-reports with git and tags the commit as a dataset version. A failure leaves the workspace
-as it was: ``dvc.lock`` is put back and ``dvc checkout --force`` restores every output it
-records from the DVC cache, and the reports folder (uncached metrics and plots) is put
-back from a copy taken at the start (params.yaml and code are never touched).
+Reproduces every pipeline of the repository (``dvc repro --all-pipelines``: the core
+``dvc.yaml`` and the poison variants of ``variants/dvc.yaml``) and keeps scheduled runs
+recorded in their lock files. Optionally commits the lock files and the reports with git
+and tags the commit as a dataset version. A failure leaves the workspace as it was: the
+lock files are put back and ``dvc checkout --force`` restores every output they record
+from the DVC cache, and the reports folder (uncached metrics and plots) is put back from a
+copy taken at the start (params.yaml and code are never touched).
 
     python -m flows.regenerate [--no-pull] [--no-push] [--commit] [--tag v2026.11.24]
 """
@@ -27,6 +29,10 @@ from poison.config import load_params
 from poison.publish import PublishError, dvc_push
 
 
+# the lock files of the repository's pipelines (dvc.yaml, variants/dvc.yaml)
+LOCK_FILES = ("dvc.lock", "variants/dvc.lock")
+
+
 def _run(cmd: list[str], cwd: Path, timeout: float = 6 * 3600) -> str:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -47,7 +53,7 @@ def pull(repo: Path) -> str:
 
 @task(name="dvc-repro")
 def repro(repo: Path) -> str:
-    return _dvc("repro", cwd=repo)
+    return _dvc("repro", "--all-pipelines", cwd=repo)
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=30)
@@ -57,7 +63,7 @@ def push(repo: Path) -> str:
 
 @task(name="git-commit")
 def commit(repo: Path, tag: str | None) -> str | None:
-    _run(["git", "add", "dvc.lock", "reports"], repo)
+    _run(["git", "add", *[lock for lock in LOCK_FILES if (repo / lock).is_file()], "reports"], repo)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode != 0:
         _run(["git", "commit", "-q", "-m", "regenerate: outputs of `dvc repro` recorded in dvc.lock"], repo)
     if tag:
@@ -71,8 +77,7 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
     """Bring the datasets up to date with params.yaml and the code, recorded in dvc.lock."""
     log = get_run_logger()
     root = Path(repo).resolve()
-    lock = root / "dvc.lock"
-    saved = lock.read_bytes() if lock.is_file() else None
+    saved = {lock: (root / lock).read_bytes() for lock in LOCK_FILES if (root / lock).is_file()}
     # DVC deletes a stage's outputs before running it; the cached ones come back with
     # `dvc checkout`, the uncached metrics and plots (cache: false, kept in git) from this copy
     reports = root / load_params(root / "params.yaml").paths.reports
@@ -90,9 +95,13 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
             push(root)
             out["pushed"] = True
     except BaseException:
-        log.error("regenerate failed: restoring dvc.lock and the outputs it records")
-        if saved is not None:
-            lock.write_bytes(saved)
+        log.error("regenerate failed: restoring the lock files and the outputs they record")
+        for lock in LOCK_FILES:  # a lock file the failed run created is removed
+            if lock in saved:
+                (root / lock).write_bytes(saved[lock])
+            else:
+                (root / lock).unlink(missing_ok=True)
+        if saved:
             subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force"], cwd=root, capture_output=True)
         if (backup / "reports").is_dir():
             shutil.rmtree(reports, ignore_errors=True)
@@ -114,7 +123,7 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", default=".")
     p.add_argument("--no-pull", action="store_true")
     p.add_argument("--no-push", action="store_true")
-    p.add_argument("--commit", action="store_true", help="git commit dvc.lock and reports/")
+    p.add_argument("--commit", action="store_true", help="git commit the lock files and reports/")
     p.add_argument("--tag", help="git tag for the commit (implies --commit)")
 
 

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repo", default=".", help="the repository to regenerate (default: .)")
     p.add_argument("--no-pull", action="store_true", help="skip `dvc pull` before `dvc repro`")
     p.add_argument("--no-push", action="store_true", help="skip `dvc push` after `dvc repro`")
-    p.add_argument("--commit", action="store_true", help="git commit dvc.lock and reports/ after each run")
+    p.add_argument("--commit", action="store_true", help="git commit the lock files and reports/ after each run")
     return p.parse_args(argv)
 
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parameters = {"repo": str(Path(args.repo).resolve()), "pull_first": not args.no_pull,
                   "push_after": not args.no_push, "git_commit": args.commit}
     regenerate.serve(name=args.name, cron=args.cron, parameters=parameters,
-                     description="`dvc pull -> dvc repro -> dvc push` on a schedule (python -m flows.serve)",
+                     description="`dvc pull -> dvc repro --all-pipelines -> dvc push` on a schedule (python -m flows.serve)",
                      tags=["poison", "regenerate", "serve"],
                      # imported as flows.regenerate: run as a file, flows/poison.py would shadow `poison`
                      entrypoint_type=EntrypointType.MODULE_PATH)

@@ -281,7 +281,9 @@ def publish(params: Any, *, repo: str | os.PathLike[str] = ".", push: bool | Non
     dirs = verify_all(params, repo)
     out: dict[str, Any] = {"dvc_push": None, "datasets": {}}
     if push:
-        dvc_push(repo, remote=remote)
+        # the datasets published here are the core pipeline's: its status and outputs only
+        # (the poison variants of variants/dvc.yaml need not have run)
+        dvc_push(repo, remote=remote, targets=("dvc.yaml",))
         out["dvc_push"] = {"remote": remote or "default"}
     if prefix:
         metrics = evaluate_metrics(params, repo)

@@ -25,6 +25,20 @@ os.environ["OMP_NUM_THREADS"] = "1"
 torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 REPO = Path(__file__).resolve().parents[1]
+# the repository's DVC pipelines: the core one (`dvc repro`) and the poison variants
+PIPELINES = ("dvc.yaml", "variants/dvc.yaml")
+
+
+def pipeline_stages() -> dict[str, dict[str, Any]]:
+    """Every stage of every pipeline file, by stage name (names are unique across the files)."""
+    import yaml
+
+    stages: dict[str, dict[str, Any]] = {}
+    for name in PIPELINES:
+        for stage, spec in yaml.safe_load((REPO / name).read_text())["stages"].items():
+            assert stage not in stages, f"stage {stage!r} is defined twice"
+            stages[stage] = spec | {"pipeline": name}
+    return stages
 
 #: Tiny sizes: mnist5k cut to 30 per class (300), of which test 60 (6/class), val 30 (3/class).
 TINY = {

@@ -224,6 +224,7 @@ def test_nightly_deployment_is_scheduled_and_a_worker_run_regenerates_and_pushes
     artifacts = server.http.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
     (report,) = [a for a in artifacts if a["key"] == "regenerate"]
     assert "- pushed: True" in report["data"] and "Running stage 'evaluate'" in report["data"]
+    assert "Running stage 'variants/dvc.yaml:multilabel'" in report["data"]  # every pipeline
 
     # real work in the copy: dvc.lock records the tiny params, the local-folder remote got the outputs
     lock = yaml.safe_load((repo / "dvc.lock").read_text())

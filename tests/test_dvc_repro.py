@@ -84,27 +84,45 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> 
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+CORE = ("prepare", "train_generator", "poison", "augment", "evaluate")
+VARIANTS = tuple(f"variants/dvc.yaml:{s}" for s in ("topk", "compose", "multilabel"))
+
+
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory, dvc_env):
-    """A tiny copy of this project, committed to git, after one `dvc repro`: (repo, log)."""
+    """A tiny copy of this project, committed to git, after `dvc repro` (the core pipeline)
+    and `dvc repro variants/dvc.yaml` (the poison variants): (repo, logs of both)."""
     repo = tmp_path_factory.mktemp("project") / "repo"
     repo.mkdir()
     _copy_repository(repo)
     (repo / "params.yaml").write_text(yaml.safe_dump(_tiny_repo_params(), sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny"]):
         assert _run(cmd, repo, dvc_env).returncode == 0
-    first = _run([str(BIN / "dvc"), "repro"], repo, dvc_env, timeout=600)
-    log = first.stdout + first.stderr
-    assert first.returncode == 0, log[-4000:]
-    return repo, log
+    logs = {}
+    for name, cmd in (("core", ["repro"]), ("variants", ["repro", "variants/dvc.yaml"])):
+        run = _run([str(BIN / "dvc"), *cmd], repo, dvc_env, timeout=600)
+        logs[name] = run.stdout + run.stderr
+        assert run.returncode == 0, logs[name][-4000:]
+    return repo, logs
 
 
 @pytest.mark.slow
 def test_dvc_repro_end_to_end_then_up_to_date(repro, dvc_env):
-    repo, log = repro
+    repo, logs = repro
     dvc = str(BIN / "dvc")
-    for stage in ("prepare", "train_generator", "poison", "augment", "evaluate"):
-        assert f"Running stage '{stage}'" in log
+    for stage in CORE:
+        assert f"Running stage '{stage}'" in logs["core"]
+    # `dvc repro` is the core pipeline only; the variants pipeline reuses its outputs
+    assert "variants/dvc.yaml" not in logs["core"]
+    for stage in VARIANTS:
+        assert f"Running stage '{stage}'" in logs["variants"]
+    for stage in CORE:
+        assert f"Running stage '{stage}'" not in logs["variants"]
+    assert (repo / "variants" / "dvc.lock").is_file()
+    for name in ("topk", "multilabel"):
+        m = json.loads((repo / "reports" / name / "metrics.json").read_text())
+        assert m["datasets"]["poisoned"]["manifest_sha256"]
+    assert verify_dataset(repo / "data" / "shards" / "mnist5k-grid-deepconfuse") == []
 
     clean = repo / "data" / "shards" / "mnist5k"
     poisoned = repo / "data" / "shards" / "mnist5k-deepconfuse"
@@ -119,11 +137,11 @@ def test_dvc_repro_end_to_end_then_up_to_date(repro, dvc_env):
     assert (repo / "reports" / "evaluate" / "confusion" / "poisoned_test_cnn.png").is_file()
     assert (repo / "dvc.lock").is_file()
 
-    second = _run([dvc, "repro"], repo, dvc_env)
+    second = _run([dvc, "repro", "--all-pipelines"], repo, dvc_env)
     log2 = second.stdout + second.stderr
     assert second.returncode == 0, log2[-4000:]
     assert "Running stage" not in log2
-    for stage in ("prepare", "train_generator", "poison", "augment", "evaluate"):
+    for stage in CORE + VARIANTS:
         assert f"Stage '{stage}' didn't change" in log2
     assert "Data and pipelines are up to date" in log2
 
@@ -218,7 +236,7 @@ def test_regenerate_flow_records_pushes_tags_and_a_failure_leaves_the_workspace_
 
     clean = repo / "data" / "shards" / "mnist5k"
     before = {p.name: p.read_bytes() for p in sorted(clean.iterdir())}
-    lock = (repo / "dvc.lock").read_bytes()
+    locks = {name: (repo / name).read_bytes() for name in ("dvc.lock", "variants/dvc.lock")}
     params_text = (repo / "params.yaml").read_text()
     params = yaml.safe_load(params_text)
     params["data"]["shard_size"] = 50   # prepare reruns and rewrites the clean shards ...
@@ -228,7 +246,7 @@ def test_regenerate_flow_records_pushes_tags_and_a_failure_leaves_the_workspace_
         bad = _run([sys.executable, "-m", "flows.regenerate", "--no-pull", "--no-push"], repo, dvc_env, timeout=600)
         log = bad.stdout + bad.stderr
         assert bad.returncode != 0 and "Running stage 'prepare'" in log, log[-4000:]
-        assert (repo / "dvc.lock").read_bytes() == lock
+        assert {name: (repo / name).read_bytes() for name in locks} == locks
         assert {p.name: p.read_bytes() for p in sorted(clean.iterdir())} == before
     finally:
         (repo / "params.yaml").write_text(params_text)
