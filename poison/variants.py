@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -209,25 +210,40 @@ def _materialize(attack: DeepConfuse, params: Any, clean_path: str, out_path: st
 
 def _downstream(params: Any, clean_path: str, poisoned_path: str,
                 metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]) -> dict[str, Any]:
-    """Train ``evaluate.archs`` x ``evaluate.seeds`` on the clean and on the poisoned split; test on clean test."""
-    x_c, y_c, _ = load_split(clean_path, "train")
-    x_p, y_p, _ = load_split(poisoned_path, "train")
+    """Train ``evaluate.archs`` x ``evaluate.seeds`` on the clean and on the poisoned split; test on clean test.
+
+    The (dataset x arch x seed) cells run on ``orchestration.workers`` threads, each with
+    ``evaluate.threads`` torch threads (as the evaluate flow's cells): a cell's result
+    depends on its seed and the thread count only, never on the workers or the order.
+    """
+    data = {"clean": load_split(clean_path, "train")[:2], "poisoned": load_split(poisoned_path, "train")[:2]}
     x_te, y_te, _ = load_split(clean_path, "test")
     k = len(read_manifest(clean_path)["classes"])
     device = resolve_device(params.device)
+    cells = [(kind, arch, seed) for kind in data for arch in params.evaluate.archs for seed in params.evaluate.seeds]
+
+    def run(cell: tuple[str, str, int]) -> dict[str, Any]:
+        kind, arch, seed = cell
+        x, y = data[kind]
+        with torch_threads(params.evaluate.threads):
+            model = fit_classifier(x, y, arch=arch, recipe=params.evaluate.recipe, seed=seed, num_classes=k,
+                                   device=device)
+            return {"seed": seed, **metrics(predict(model, x_te), y_te)}
+
+    workers = min(params.orchestration.workers, len(cells))
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="downstream") as pool:
+            results = list(pool.map(run, cells))
+    else:
+        results = [run(cell) for cell in cells]
     out: dict[str, Any] = {}
-    with torch_threads(params.evaluate.threads):
-        for kind, (x, y) in (("clean", (x_c, y_c)), ("poisoned", (x_p, y_p))):
-            out[kind] = {}
-            for arch in params.evaluate.archs:
-                runs = []
-                for seed in params.evaluate.seeds:
-                    model = fit_classifier(x, y, arch=arch, recipe=params.evaluate.recipe, seed=seed, num_classes=k,
-                                           device=device)
-                    runs.append({"seed": seed, **metrics(predict(model, x_te), y_te)})
-                means = {key: sum(r[key] for r in runs) / len(runs) for key, v in runs[0].items()
-                         if key != "seed" and isinstance(v, float)}
-                out[kind][arch] = {"mean": means, "runs": runs}
+    for kind in data:
+        out[kind] = {}
+        for arch in params.evaluate.archs:
+            runs = [r for (ck, ca, _), r in zip(cells, results) if (ck, ca) == (kind, arch)]
+            means = {key: sum(r[key] for r in runs) / len(runs) for key, v in runs[0].items()
+                     if key != "seed" and isinstance(v, float)}
+            out[kind][arch] = {"mean": means, "runs": runs}
     return out
 
 

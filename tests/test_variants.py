@@ -165,6 +165,26 @@ def test_multilabel_stage_writes_the_goal_and_metrics(session_params, variant_da
     assert {"exact_match", "hamming_loss", "macro_f1", "target_rate"} <= set(metrics["poisoned"]["test_cnn"]["mean"])
 
 
+def test_downstream_cells_are_the_same_on_one_or_several_worker_threads(session_params, variant_datasets,
+                                                                      clean_dataset):
+    from poison.variants import _downstream
+
+    params = dataclasses.replace(session_params, evaluate=dataclasses.replace(session_params.evaluate, seeds=[0, 1]))
+
+    def metrics(logits: torch.Tensor, y: torch.Tensor) -> dict:
+        # the logits' sum changes with any difference in training, down to the last bit
+        return {"accuracy": float((logits.argmax(1) == y).float().mean()), "logit_sum": float(logits.double().sum())}
+
+    def run(workers: int) -> dict:
+        p = dataclasses.replace(params, orchestration=dataclasses.replace(params.orchestration, workers=workers))
+        return _downstream(p, str(clean_dataset), str(variant_datasets["topk"]), metrics)
+
+    one, three = run(1), run(3)
+    assert one == three
+    assert [r["seed"] for r in one["poisoned"]["test_cnn"]["runs"]] == [0, 1]
+    assert one["clean"]["test_cnn"]["runs"][0]["logit_sum"] != one["poisoned"]["test_cnn"]["runs"][0]["logit_sum"]
+
+
 def test_multilabel_stage_refuses_single_label_data(session_params, clean_dataset, tmp_path):
     import shutil
 
