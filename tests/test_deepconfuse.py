@@ -285,6 +285,25 @@ def test_fit_select_every_validates_only_selected_trials(tiny_data):
     assert attack.best_trial in (1, 2)
 
 
+def test_scoring_fewer_trials_leaves_the_training_trajectory_unchanged(tiny_data, monkeypatch):
+    # select_every only decides which trials are scored: the generator after each trial (and
+    # so the one kept when the same trial wins) does not depend on it; params.yaml relies on this
+    seen: dict[int, dict[int, list[torch.Tensor]]] = {}
+    validate = DeepConfuse._validate
+
+    def spy(self, gen, *args):
+        seen.setdefault(self.config.select_every, {})[args[-1]] = [v.clone() for v in gen.state_dict().values()]
+        return validate(self, gen, *args)
+
+    monkeypatch.setattr(DeepConfuse, "_validate", spy)
+    _fit(tiny_data, trials=4, select_every=1)
+    _fit(tiny_data, trials=4, select_every=2)
+    assert sorted(seen[1]) == [0, 1, 2, 3] and sorted(seen[2]) == [1, 3]
+    for trial in (1, 3):
+        assert all(torch.equal(a, b) for a, b in zip(seen[1][trial], seen[2][trial]))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[1][1], seen[1][3]))  # the generator did train
+
+
 def test_fit_label_specific_reports_target_rate(tiny_data):
     attack = _fit(tiny_data, trials=1, target="label_specific")
     (record,) = attack.curve
