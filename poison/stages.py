@@ -21,6 +21,7 @@ import logging
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -375,13 +376,33 @@ def evaluate(params: Params) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- augment
+def _augment_adversarial(params: Params, cfg: Any, x: torch.Tensor, y: torch.Tensor, x_te: torch.Tensor,
+                         y_te: torch.Tensor, k: int, recipe: Any, device: torch.device) -> tuple[Any, ...]:
+    """(a) of the augment stage: SIA examples of the training split against a clean-trained victim,
+    the single-attribute diagnosis and the test-split attack: (adv, single-attribute rates, diagnosis,
+    test_adv, the victim's clean test accuracy)."""
+    from poison.augment import attack_dataset, diagnosis, single_attribute_rates, train_victim
+    from poison.train import predict
+
+    with torch_threads(cfg.threads):
+        victim = train_victim(x, y, cfg.victim, recipe, params.seed, k, device, "augment-victim")
+        adv = attack_dataset(victim, x, y, cfg, k, make_generator(params.seed, "augment-sia"), device)
+        # single-attribute rates on a seeded random subset (the split is ordered by class)
+        sub = torch.randperm(x.shape[0], generator=make_generator(params.seed, "augment-diagnosis"))
+        sub = torch.sort(sub[: min(cfg.diagnosis_samples, x.shape[0])]).values
+        single = single_attribute_rates(victim, x[sub], y[sub], cfg, k, params.seed, device)
+        diag = diagnosis(adv, y, cfg, k, single) | {"single_attribute_samples": int(sub.numel())}
+        test_adv = attack_dataset(victim, x_te, y_te, cfg, k, make_generator(params.seed, "augment-sia-test"), device)
+        clean_acc = float((predict(victim, x_te).argmax(1) == y_te).float().mean())
+    return adv, single, diag, test_adv, clean_acc
+
+
 def augment(params: Params) -> dict[str, Any]:
     """SIA-augmented shards (kind ``semantic``): adversarial training examples and a filled long tail.
 
     Also writes the attack's diagnosis (attribute histogram JSON and PNG) and a summary.
     """
-    from poison.augment import (attack_dataset, diagnosis, diagnosis_png, long_tail_indices,
-                                single_attribute_rates, tail_plan, train_victim)
+    from poison.augment import attack_dataset, diagnosis_png, long_tail_indices, tail_plan, train_victim
 
     cfg = params.augment
     clean = read_manifest(params.paths.clean)
@@ -393,24 +414,27 @@ def augment(params: Params) -> dict[str, Any]:
     clean_sha = manifest_sha256(params.paths.clean)
     recipe = params.evaluate.recipe
     device = resolve_device(params.device)
-    with torch_threads(cfg.threads):
-        # (a) adversarial examples of the whole training split against a clean-trained victim
-        victim = train_victim(x, y, cfg.victim, recipe, params.seed, k, device, "augment-victim")
-        adv = attack_dataset(victim, x, y, cfg, k, make_generator(params.seed, "augment-sia"), device)
-        # single-attribute rates on a seeded random subset (the split is ordered by class)
-        sub = torch.randperm(x.shape[0], generator=make_generator(params.seed, "augment-diagnosis"))
-        sub = torch.sort(sub[: min(cfg.diagnosis_samples, x.shape[0])]).values
-        single = single_attribute_rates(victim, x[sub], y[sub], cfg, k, params.seed, device)
-        diag = diagnosis(adv, y, cfg, k, single) | {"single_attribute_samples": int(sub.numel())}
-        test_adv = attack_dataset(victim, x_te, y_te, cfg, k, make_generator(params.seed, "augment-sia-test"), device)
-        from poison.train import predict
 
-        clean_acc = float((predict(victim, x_te).argmax(1) == y_te).float().mean())
+    def long_tail() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         # (b) a long-tailed training split, its tail filled with SIA variants against a model trained on it
-        lt = long_tail_indices(y, k, cfg.tail.imbalance_ratio, make_generator(params.seed, "augment-longtail"))
-        lt_model = train_victim(x[lt], y[lt], cfg.victim, recipe, params.seed, k, device, "augment-longtail-model")
-        src = lt[torch.tensor(tail_plan(y[lt], k, cfg.tail.share), dtype=torch.long)]
-        tail = attack_dataset(lt_model, x[src], y[src], cfg, k, make_generator(params.seed, "augment-tail"), device)
+        with torch_threads(cfg.threads):
+            lt = long_tail_indices(y, k, cfg.tail.imbalance_ratio, make_generator(params.seed, "augment-longtail"))
+            lt_model = train_victim(x[lt], y[lt], cfg.victim, recipe, params.seed, k, device, "augment-longtail-model")
+            src = lt[torch.tensor(tail_plan(y[lt], k, cfg.tail.share), dtype=torch.long)]
+            return lt, src, attack_dataset(lt_model, x[src], y[src], cfg, k,
+                                           make_generator(params.seed, "augment-tail"), device)
+
+    # (b) shares nothing with (a) but the inputs (own seeds, own models, fixed torch threads),
+    # so it runs beside it on a second worker with the same bytes as one after the other
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="augment-longtail") \
+        if params.orchestration.workers > 1 else None
+    tail_job = pool.submit(long_tail) if pool is not None else None
+    try:
+        adv, single, diag, test_adv, clean_acc = _augment_adversarial(params, cfg, x, y, x_te, y_te, k, recipe, device)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    lt, src, tail = tail_job.result() if tail_job is not None else long_tail()
 
     names = cfg.attack.attributes
 

@@ -92,10 +92,12 @@ def test_diagnosis_counts_equal_the_successes_and_the_figure_exists(augmented):
     assert (reports / "diagnosis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_same_seed_gives_the_same_shards(augmented, session_params, tmp_path):
+def test_same_seed_gives_the_same_shards_with_or_without_a_second_worker(augmented, session_params, tmp_path):
     params, _ = augmented
+    assert params.orchestration.workers == 2  # the long tail was built beside the adversarial split
     again = _params(session_params, tmp_path)
-    stages.augment(again)
+    again = dataclasses.replace(again, orchestration=dataclasses.replace(again.orchestration, workers=1))
+    stages.augment(again)  # one after the other
     assert _tree(Path(again.paths.augmented)) == _tree(Path(params.paths.augmented))
     for name in ("diagnosis.json", "summary.json", "diagnosis.png"):
         a = (Path(params.paths.reports) / "augment" / name).read_bytes()
