@@ -139,3 +139,22 @@ def test_cli_bench_writes_json_and_markdown(tmp_path, capsys):
     assert main(["bench", *common, "--untargeted", "{not json"]) == 1
     assert "--untargeted: expected a JSON object" in capsys.readouterr().err
     assert out.read_bytes() == before  # a rejected run writes nothing
+
+
+def test_recipes_script_scores_other_architectures_and_sklearn_models(clean_dataset, poisoned_dataset):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "recipes.py"), "--clean", str(clean_dataset),
+           "--poisoned", str(poisoned_dataset), "--epochs", "1", "--seeds", "0", "1", "--threads", "1",
+           "--arch", "test_cnn", "--sklearn", "random_forest", "svm_rbf", "--poisoned-only"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["test_cnn, lr 0.001, 1 epochs, poisoned-trained",
+                                                      "random_forest, poisoned-trained", "svm_rbf, poisoned-trained"]
+    assert [len(line.split(":")[1].split()) for line in lines] == [2, 2, 1]  # the SVM fits once
+    bad = subprocess.run([*cmd[:2], "--arch", "nope"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode != 0 and "--arch" in bad.stderr
