@@ -158,3 +158,23 @@ def test_recipes_script_scores_other_architectures_and_sklearn_models(clean_data
     assert [len(line.split(":")[1].split()) for line in lines] == [2, 2, 1]  # the SVM fits once
     bad = subprocess.run([*cmd[:2], "--arch", "nope"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode != 0 and "--arch" in bad.stderr
+
+
+def test_adversarial_poison_baseline_reaches_its_target_within_budget(clean_dataset):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "adversarial_poison.py"), "--clean", str(clean_dataset),
+           "--ref-arch", "test_cnn", "--arch", "test_cnn", "--ref-epochs", "6", "--steps", "10", "--eps", "0.3",
+           "--recipes", "A", "--seeds", "0", "1", "--threads", "1", "--shift", "-1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.split("RESULT", 1)[1])
+    assert result["max_levels"] <= int(0.3 * 255)  # stored within the budget
+    # PGD moves the reference model to the target class (a weak tiny model: far from all of it)
+    assert result["reference_hit_rate"] > result["reference_hit_rate_clean"] + 0.2
+    assert len(result["A"]["accuracy"]) == 2 and all(0.0 <= r <= 1.0 for r in result["A"]["target_rate"])
+    bad = subprocess.run([*cmd[:4], "--shift", "10"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode != 0 and "--shift: must not be a multiple of 10" in bad.stderr
