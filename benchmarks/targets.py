@@ -274,13 +274,15 @@ def _measuring(command: str) -> str:
 
 def _merge(name: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Part ``name`` with ``new``'s runs replacing the ones of ``old`` they repeat; the other
-    runs and the commands that made them are kept."""
+    runs and the commands that made them are kept. A repeated run keeps the methods only
+    the old one measured (AD run alone, then CW^k alone: one run with both)."""
     def commands(part: dict[str, Any]) -> list[str]:
         return [_measuring(c) for c in part.get("commands", [part["command"]] if "command" in part else [])]
 
+    previous = {_identity(name, r): r for r in old.get("runs", [])}
     fresh = {_identity(name, r) for r in new["runs"]}
     kept = [r for r in old.get("runs", []) if _identity(name, r) not in fresh]
-    merged = {**old, **new, "runs": kept + new["runs"]}
+    merged = {**old, **new, "runs": kept + [{**previous.get(_identity(name, r), {}), **r} for r in new["runs"]]}
     merged["commands"] = [c for c in commands(old) if c not in commands(new)] + commands(new)
     merged.pop("command", None)
     return merged

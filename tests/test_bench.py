@@ -178,3 +178,24 @@ def test_adversarial_poison_baseline_reaches_its_target_within_budget(clean_data
     assert len(result["A"]["accuracy"]) == 2 and all(0.0 <= r <= 1.0 for r in result["A"]["target_rate"])
     bad = subprocess.run([*cmd[:4], "--shift", "10"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode != 0 and "--shift: must not be a multiple of 10" in bad.stderr
+
+
+def test_targets_merge_keeps_the_methods_a_rerun_did_not_measure():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_targets", REPO / "benchmarks" / "targets.py")
+    targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(targets)
+    run = {"seed": 10, "k": 5, "split": "val", "samples": 200, "c_init": {"ad": 10.0, "cwk": 10.0},
+           "ad_distribution": {"alpha": 10.0}}
+    ad = {"topk_attacks": {"command": "targets.py --topk-methods ad", "runs": [{**run, "ad": {"mean_l2": 3.8}}]}}
+    cwk = {"topk_attacks": {"command": "targets.py --topk-methods cwk", "runs": [{**run, "cwk": {"mean_l2": 3.5}}]}}
+    merged = targets._merge("topk_attacks", ad["topk_attacks"], cwk["topk_attacks"])
+    assert len(merged["runs"]) == 1 and merged["runs"][0]["ad"] == {"mean_l2": 3.8}
+    assert merged["runs"][0]["cwk"] == {"mean_l2": 3.5} and len(merged["commands"]) == 2
+    again = targets._merge("topk_attacks", merged, {"runs": [{**run, "ad": {"mean_l2": 3.7}}]})
+    assert len(again["runs"]) == 1 and again["runs"][0]["ad"] == {"mean_l2": 3.7}  # a rerun replaces its method
+    other = targets._merge("topk_attacks", merged, {"runs": [{**run, "k": 1, "ad": {"mean_l2": 2.3}}]})
+    assert len(other["runs"]) == 2  # a different measurement is added
