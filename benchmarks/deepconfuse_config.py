@@ -26,17 +26,16 @@ import time
 import torch
 
 from poison.attacks.deepconfuse import DeepConfuse, DeepConfuseConfig
+from poison.bench import RECIPES as BENCH_RECIPES
 from poison.config import from_dict
 from poison.data import load_source, stratified_split
 from poison.evaluate import classification_metrics
 from poison.train import TrainConfig, build_model, predict, train_classifier
 from poison.utils import derive_seed, make_generator
 
-RECIPES = {
-    "A": TrainConfig("adam", 0.01, epochs=2, batch_size=64),
-    "B5": TrainConfig("adam", 1e-3, epochs=5, batch_size=64),
-    "B20": TrainConfig("adam", 1e-3, epochs=20, batch_size=64),
-}
+#: issue 3's recipes A and B20 (``poison.bench``) and the generator's validation recipe B5
+RECIPES = {"A": BENCH_RECIPES["A"], "B5": TrainConfig("adam", 1e-3, epochs=5, batch_size=64),
+           "B20": BENCH_RECIPES["B20"]}
 
 
 def main() -> None:
