@@ -165,3 +165,37 @@ def test_untargeted_losses_log_not_true_is_bounded_and_ignores_confidently_wrong
     sure = torch.tensor([[100.0, 0.0, 0.0]])
     assert torch.isfinite(lnt.generator_loss(sure, torch.tensor([0])))
 
+
+
+def test_references_are_independent_models_and_the_term_targets_their_mean_softmax():
+    x, y = _data(labels=4)
+    dc = DeepConfuse(_cfg(target="label_specific", adversarial_weight=1.0, references=3, trials=1), 1, 16, 4, seed=0)
+    dc.fit(x, y, x[:16], y[:16])
+    refs = dc._references
+    assert len(refs) == 3
+    w = [next(r.parameters()) for r in refs]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])  # own initialisation and batch order
+    assert all(not p.requires_grad for r in refs for p in r.parameters())
+    xf = x[:8].float() / 255
+    mean_p = torch.stack([F.softmax(r(xf), 1) for r in refs]).mean(0)
+    got = dc._reference_log_probs(xf)
+    assert torch.allclose(got, mean_p.log(), atol=1e-5)
+    assert torch.allclose(got.exp().sum(1), torch.ones(8), atol=1e-5)
+
+
+def test_one_reference_is_the_single_model_term():
+    """references: 1 (the default) is the term as it was: CE of the one reference's logits."""
+    x, y = _data(labels=4)
+    dc = DeepConfuse(_cfg(target="label_specific", adversarial_weight=1.0, trials=1), 1, 16, 4, seed=0)
+    dc.fit(x, y, x[:16], y[:16])
+    (ref,) = dc._references
+    xf = x[:8].float() / 255
+    t = (y[:8] + 1) % 4
+    assert torch.equal(F.nll_loss(dc._reference_log_probs(xf), t), F.cross_entropy(ref(xf), t))
+
+
+def test_references_need_the_adversarial_term():
+    with pytest.raises(ConfigError, match="references: 2 .*adversarial_weight"):
+        _cfg(references=2)
+    with pytest.raises(ConfigError, match="references: expected an integer >= 1"):
+        _cfg(references=0, adversarial_weight=1.0)

@@ -27,7 +27,9 @@ each a keyword of ``DeepConfuseConfig``:
 - ``adversarial_weight > 0`` [adapt]: add a targeted-adversarial term against a
   clean-trained reference model, CE(f_ref(x'), m(y)), where m maps each class to the
   class whose features its poison should carry (Fowl et al., "Adversarial Examples
-  Make Strong Poisons", NeurIPS 2021, arXiv 2106.10807).
+  Make Strong Poisons", NeurIPS 2021, arXiv 2106.10807). ``references=K`` [adapt]: K
+  reference models (independent initialisations and batch orders) whose mean softmax the
+  term targets, so the poison carries features that several clean models agree on.
 - ``victim_optimizer="adam"``: train the surrogate victim with Adam.
 - ``objective="align"``: the generator maximises the cosine between the poison's training
   gradient and the target objective's gradient on clean data (see ``align_objective``)
@@ -114,6 +116,7 @@ class DeepConfuseConfig:
     select_every: int = 1
     adversarial_weight: float = 0.0
     adversarial_shift: int = 1
+    references: int = 1                    # clean reference models of the adversarial term (mean softmax)
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=1e-3, epochs=3, batch_size=64))
     validation: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=0.01, epochs=2, batch_size=64))
 
@@ -124,7 +127,7 @@ class DeepConfuseConfig:
             raise ConfigError(f"surrogate: unknown classifier {self.surrogate!r}; known: {', '.join(sorted(CLASSIFIERS))}")
         if not 0 < self.eps <= 1:
             raise ConfigError(f"eps: expected 0 < eps <= 1 (L-inf on images in [0, 1]), got {self.eps}")
-        for key in ("trials", "victim_epochs", "victim_reset_every", "batch_size", "select_every"):
+        for key in ("trials", "victim_epochs", "victim_reset_every", "batch_size", "select_every", "references"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
         if self.target == "untargeted" and self.target_map is not None:
@@ -157,6 +160,9 @@ class DeepConfuseConfig:
                 )
         if self.adversarial_weight < 0:
             raise ConfigError(f"adversarial_weight: expected >= 0, got {self.adversarial_weight}")
+        if self.references > 1 and self.adversarial_weight == 0:
+            raise ConfigError(f"references: {self.references} reference models are only used by the adversarial term; "
+                              "set adversarial_weight > 0 or references: 1")
         for key in ("victim_lr", "unroll_lr", "generator_lr"):
             if not 0 < getattr(self, key) <= 10:
                 raise ConfigError(f"{key}: expected 0 < {key} <= 10, got {getattr(self, key)}")
@@ -236,7 +242,7 @@ class DeepConfuse:
         self.generator.eval()
         self.curve: list[TrialRecord] = []
         self.best_trial: int | None = None
-        self._reference: nn.Module | None = None
+        self._references: list[nn.Module] = []
         self._adv_map: torch.Tensor | None = None
         self._adv_dist: torch.Tensor | None = None
 
@@ -254,20 +260,27 @@ class DeepConfuse:
         buffers = {k: b.clone() for k, b in victim.named_buffers()}
         x_p = perturb(g_train, x, cfg.eps, cfg.quantize)
         outer = OBJECTIVES[cfg.objective](victim, params, buffers, x, x_p, y, self.target.generator_loss, cfg.unroll_lr)
-        if self._reference is not None:
-            # [adapt] Targeted-adversarial term against a clean-trained reference model:
+        if self._references:
+            # [adapt] Targeted-adversarial term against clean-trained reference models:
             # poison of class y should carry features of class t(y) (Fowl et al., 2021).
-            ref_logits = self._reference(x_p)
+            ref_log_probs = self._reference_log_probs(x_p)
             if self._adv_dist is not None:
                 q = self._adv_dist[y]
-                term = (q * (q.log() - F.log_softmax(ref_logits, dim=1))).sum(1).mean()
+                term = (q * (q.log() - ref_log_probs)).sum(1).mean()
             else:
-                term = F.cross_entropy(ref_logits, self._adv_map.to(y.device)[y])
+                term = F.nll_loss(ref_log_probs, self._adv_map.to(y.device)[y])
             outer = outer + cfg.adversarial_weight * term
         opt_g.zero_grad(set_to_none=True)
         outer.backward(inputs=list(g_train.parameters()))
         opt_g.step()
         return float(outer.detach())
+
+    def _reference_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Log of the references' mean softmax on ``x`` (one reference: its log-softmax)."""
+        if len(self._references) == 1:
+            return F.log_softmax(self._references[0](x), dim=1)
+        log_probs = torch.stack([F.log_softmax(ref(x), dim=1) for ref in self._references])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self._references))
 
     def fit(
         self,
@@ -294,16 +307,18 @@ class DeepConfuse:
                 "samples), so no step would run; lower it, or lower data.val_size / data.test_size, or raise data.per_class"
             )
         self.curve, self.best_trial = [], None
-        self._reference = None
+        self._references = []
         k = self.shape[2]
         adv_map = self.target.feature_map(k, cfg.adversarial_shift) if cfg.adversarial_weight > 0 else None
         needs_similarity = self.target.topk_lists is not None and cfg.topk_similarity == "data"
-        ref = None
+        refs: list[nn.Module] = []
         if adv_map is not None or needs_similarity:
-            ref = self._victim(0, "reference")
-            order = make_generator(self.seed, "reference-order")
-            train_classifier(ref, train_images, train_labels, cfg.pretrain, order)
-            ref.eval().requires_grad_(False)
+            order = make_generator(self.seed, "reference-order")  # one stream: each reference its own order
+            for i in range(cfg.references if adv_map is not None else 1):
+                refs.append(self._victim(i, "reference"))
+                train_classifier(refs[-1], train_images, train_labels, cfg.pretrain, order)
+                refs[-1].eval().requires_grad_(False)
+        ref = refs[0] if refs else None  # the label similarity of ordered top-k comes from the first
         if self.target.topk_lists is not None:
             from poison.attacks.topk import class_similarity
 
@@ -312,7 +327,7 @@ class DeepConfuse:
             self.target = self.target.with_distribution(None if sim is None else sim.cpu(), cfg.topk_alpha,
                                                         cfg.topk_beta)
         if adv_map is not None:
-            self._reference = ref
+            self._references = refs
             self._adv_map = adv_map
             self._adv_dist = None
             if self.target.topk_lists is not None:
