@@ -252,3 +252,12 @@ def test_regenerate_flow_records_pushes_tags_and_a_failure_leaves_the_workspace_
         (repo / "params.yaml").write_text(params_text)
     status = _run([str(BIN / "dvc"), "status"], repo, dvc_env)
     assert "Data and pipelines are up to date" in status.stdout + status.stderr
+
+
+def test_regenerate_restores_the_lock_file_of_every_pipeline():
+    """flows.regenerate's LOCK_FILES (what a failed run puts back) must follow the pipelines."""
+    from conftest import PIPELINES
+    from flows.regenerate import LOCK_FILES
+
+    assert LOCK_FILES == tuple(str(Path(p).with_suffix(".lock")) for p in PIPELINES)
+    assert all((REPO / p).is_file() for p in PIPELINES) and all((REPO / lock).is_file() for lock in LOCK_FILES)
