@@ -166,7 +166,6 @@ def test_untargeted_losses_log_not_true_is_bounded_and_ignores_confidently_wrong
     assert torch.isfinite(lnt.generator_loss(sure, torch.tensor([0])))
 
 
-
 def test_references_are_independent_models_and_the_term_targets_their_mean_softmax():
     x, y = _data(labels=4)
     dc = DeepConfuse(_cfg(target="label_specific", adversarial_weight=1.0, references=3, trials=1), 1, 16, 4, seed=0)
