@@ -1,6 +1,7 @@
 """Time one DeepConfuse unrolled generator step and one victim step on random data.
 
 Usage: python benchmarks/step_time.py [--generator unet16] [--objective unroll|align] [--threads 2] [--batch 64]
+       [--precision float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                        help="train_generator.precision: autocast of both steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attack = DeepConfuse(DeepConfuseConfig(generator=args.generator, surrogate=args.surrogate, generator_lr=1e-3,
-                                           objective=args.objective),
+                                           objective=args.objective, precision=args.precision),
                          1, 28, 10, seed=0, device=device)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 1, 28, 28, generator=gen).to(device)
@@ -41,23 +44,26 @@ def main() -> None:
             torch.cuda.synchronize()
 
     for _ in range(3):
-        attack._unrolled_generator_step(victim, g, opt, x, y)
+        with attack._autocast():
+            attack._unrolled_generator_step(victim, g, opt, x, y)
     sync()
     t = time.perf_counter()
     for _ in range(args.repeats):
-        attack._unrolled_generator_step(victim, g, opt, x, y)
+        with attack._autocast():
+            attack._unrolled_generator_step(victim, g, opt, x, y)
     sync()
     gen_ms = (time.perf_counter() - t) / args.repeats * 1000
     t = time.perf_counter()
     for _ in range(args.repeats):
-        with torch.no_grad():
-            x_p = perturb(g, x, 0.3, True)
-        loss = F.cross_entropy(victim(x_p), y)
+        with attack._autocast():
+            with torch.no_grad():
+                x_p = perturb(g, x, 0.3, True)
+            loss = F.cross_entropy(victim(x_p), y)
         victim.zero_grad()
         loss.backward()
     sync()
     victim_ms = (time.perf_counter() - t) / args.repeats * 1000
-    print(f"{args.generator} on {device} ({args.threads} threads), batch {args.batch}: "
+    print(f"{args.generator} on {device} ({args.threads} threads, {args.precision}), batch {args.batch}: "
           f"{args.objective} generator step {gen_ms:.1f} ms, victim step {victim_ms:.1f} ms")
 
 

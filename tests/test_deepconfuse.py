@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from poison.attacks import deepconfuse
 from poison.attacks.deepconfuse import (
     DeepConfuse,
     DeepConfuseConfig,
@@ -411,3 +412,45 @@ def test_victim_reset_every_keeps_the_victim_between_resets(monkeypatch):
     y = torch.arange(32) % 10
     attack.fit(x, y, x[:16], y[:16])
     assert built == [0, 2, 4]  # fresh victims only at multiples of victim_reset_every
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_precision_autocasts_the_training_steps_only(tiny_data, monkeypatch, precision):
+    # bfloat16 is a speed option for the unrolled generator step and the victim step; the
+    # validation victim that picks the kept generator, and the stored poison, stay float32
+    seen: dict[str, list[bool]] = {"step": [], "victim": [], "validate": []}
+    step, validate, victim_loss = DeepConfuse._unrolled_generator_step, DeepConfuse._validate, deepconfuse.victim_loss
+
+    def spy_step(self, *args):
+        seen["step"].append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return step(self, *args)
+
+    def spy_victim(logits, y):
+        seen["victim"].append(logits.dtype == torch.bfloat16)
+        return victim_loss(logits, y)
+
+    def spy_validate(self, *args):
+        seen["validate"].append(torch.is_autocast_enabled("cpu"))
+        return validate(self, *args)
+
+    monkeypatch.setattr(DeepConfuse, "_unrolled_generator_step", spy_step)
+    monkeypatch.setattr(deepconfuse, "victim_loss", spy_victim)
+    monkeypatch.setattr(DeepConfuse, "_validate", spy_validate)
+    attack = _fit(tiny_data, trials=2, precision=precision)
+    on = precision == "bfloat16"
+    assert seen["step"] == [on] * 6 and seen["victim"] == [on] * 6 and seen["validate"] == [False, False]
+    stored = attack.poison(tiny_data[0])
+    assert stored.dtype == torch.uint8
+    assert int((stored.to(torch.int16) - tiny_data[0].to(torch.int16)).abs().max()) <= budget_levels(0.3)
+    if on:  # a different (lower-precision) trajectory, not the float32 one relabelled
+        ref = _fit(tiny_data, trials=2).generator.state_dict()
+        assert not all(torch.equal(ref[k], v) for k, v in attack.generator.state_dict().items())
+
+
+def test_precision_rejects_other_dtypes_naming_the_key():
+    from poison.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"train_generator\.precision: expected one of \['float32', 'bfloat16'\]"):
+        from_dict(DeepConfuseConfig, {"precision": "float16"}, "train_generator")
+    with pytest.raises(ConfigError, match="precision: expected float32 or bfloat16, got 'float16'"):
+        DeepConfuseConfig(precision="float16")
