@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[100])
     parser.add_argument("--seed", type=int, default=0, help="generator training seed")
+    parser.add_argument("--confusion", action="store_true", help="also print each downstream model's confusion matrix")
     parser.add_argument("--split", choices=["val", "test"], default="val",
                         help="split the downstream models are scored on (tune on val; read test once)")
     args = parser.parse_args()
@@ -61,7 +62,7 @@ def main() -> None:
                on_trial=lambda r: print(f"trial {r.trial} steps {r.steps} {r.seconds:.1f}s "
                                         f"val_acc {r.val_accuracy} target_rate {r.val_target_rate}", flush=True))
     fit_seconds = time.perf_counter() - start
-    poisoned = attack.poison(tr.images)
+    poisoned = attack.poison(tr.images, labels=tr.labels)
     target_map = attack.target.target_map
     results: dict = {"config": overrides, "scored_on": args.split, "fit_seconds": round(fit_seconds, 1), "best_trial": attack.best_trial,
                      "max_levels": int((poisoned.int() - tr.images.int()).abs().max())}
@@ -74,6 +75,8 @@ def main() -> None:
             runs.append({k: v for k, v in m.items() if k != "confusion_matrix"})
             print(name, s, f"acc {m['accuracy']:.4f}", f"target_rate {m.get('target_rate')}",
                   "per-class", " ".join(f"{v:.2f}" for v in m["per_class_accuracy"]), flush=True)
+            if args.confusion:
+                print("confusion (rows: true class)", m["confusion_matrix"], flush=True)
         results[name] = {"accuracy": [r["accuracy"] for r in runs],
                          "target_rate": [r.get("target_rate") for r in runs]}
     print("RESULT", json.dumps(results))

@@ -57,7 +57,7 @@ def main() -> None:
     for _ in range(args.repeats):
         with attack._autocast():
             with torch.no_grad():
-                x_p = perturb(g, x, 0.3, True)
+                x_p = perturb(g, x, 0.3, True, y)
             loss = F.cross_entropy(victim(x_p), y)
         victim.zero_grad()
         loss.backward()

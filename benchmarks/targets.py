@@ -198,7 +198,8 @@ def _generator_config(trials: int, **kw):
     return DeepConfuseConfig(**(base | kw))
 
 
-def topk_poison(variant: str, seeds: list[int], trials: int, clean: str, generator_seed: int = 0) -> dict[str, Any]:
+def topk_poison(variant: str, seeds: list[int], trials: int, clean: str, generator_seed: int = 0,
+                generator: str = "unet16") -> dict[str, Any]:
     from poison.attacks.deepconfuse import DeepConfuse
     from poison.attacks.topk import shifted_targets, topk_success
     from poison.shards import load_split, read_manifest
@@ -212,12 +213,12 @@ def topk_poison(variant: str, seeds: list[int], trials: int, clean: str, generat
     kw = {"label_specific": dict(target="label_specific", adversarial_weight=1.0),
           "topk1": dict(target="ordered_topk", topk=1, adversarial_weight=1.0),
           "topk3": dict(target="ordered_topk", topk=3, adversarial_weight=1.0)}[variant]
-    cfg = _generator_config(trials, **kw)
+    cfg = _generator_config(trials, generator=generator, **kw)
     dc = DeepConfuse(cfg, x.shape[1], x.shape[-1], nc, seed=generator_seed)
     t0 = time.perf_counter()
     curve = dc.fit(x, y, x_va, y_va)
     seconds = time.perf_counter() - t0
-    x_p = dc.poison(x)
+    x_p = dc.poison(x, labels=y)
     lists = shifted_targets(y_te, 3, nc, 1)
     runs = []
     for seed in seeds:
@@ -225,13 +226,14 @@ def topk_poison(variant: str, seeds: list[int], trials: int, clean: str, generat
         runs.append({"seed": seed, "accuracy": float((logits.argmax(1) == y_te).float().mean()),
                      "target_rate": float((logits.argmax(1) == lists[:, 0]).float().mean()),
                      "top3_rate": float(topk_success(logits, lists).float().mean())})
-    return {"variant": variant, "generator_seed": generator_seed, "config": kw, "trials": trials,
+    return {"variant": variant, "generator_seed": generator_seed, "generator": generator, "config": kw, "trials": trials,
             "generator_seconds": round(seconds, 1),
             "best_trial": dc.best_trial, "curve": [vars(r) for r in curve], "runs": runs}
 
 
 # ---------------------------------------------------------- 4. multi-label poisons
-def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str, generator_seed: int = 0) -> dict[str, Any]:
+def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str, generator_seed: int = 0,
+                      generator: str = "unet16") -> dict[str, Any]:
     from poison.attacks.deepconfuse import DeepConfuse
     from poison.evaluate import multilabel_metrics
     from poison.shards import load_split, read_manifest
@@ -247,13 +249,14 @@ def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str, ge
         goal = (y_te + torch.nn.functional.one_hot(torch.tensor(0), nl)) % 2
     else:
         kw = dict(target="label_specific", flip_labels=(0,)) if variant == "flip" else dict(target="untargeted")
-        dc = DeepConfuse(_generator_config(trials, **kw), x.shape[1], x.shape[-1], nl, seed=generator_seed,
+        dc = DeepConfuse(_generator_config(trials, generator=generator, **kw), x.shape[1], x.shape[-1], nl,
+                         seed=generator_seed,
                          multi_label=True)
         t0 = time.perf_counter()
         curve = dc.fit(x, y, x_va, y_va)
         info = {"config": kw, "trials": trials, "generator_seconds": round(time.perf_counter() - t0, 1),
                 "best_trial": dc.best_trial, "curve": [vars(r) for r in curve]}
-        x_p = dc.poison(x)
+        x_p = dc.poison(x, labels=y)
         goal = (y_te + torch.nn.functional.one_hot(torch.tensor(0), nl)) % 2
     runs = []
     for seed in seeds:
@@ -261,7 +264,8 @@ def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str, ge
         m = multilabel_metrics((logits > 0).long(), y_te, goal)
         runs.append({"seed": seed, **{k: v for k, v in m.items() if k not in ("samples", "per_label_f1")},
                      "label0_f1": m["per_label_f1"][0]})
-    return {"variant": variant, "generator_seed": generator_seed, **info, "runs": runs}
+    return {"variant": variant, "generator_seed": generator_seed, **({} if variant == "clean" else {"generator": generator}),
+            **info, "runs": runs}
 
 
 # ------------------------------------------------------------------------ report
@@ -291,9 +295,9 @@ def _identity(part: str, run: dict[str, Any]) -> str:
     """What makes a run of ``part`` the same measurement (a rerun replaces it)."""
     keys = {"topk_attacks": ("seed", "k", "split", "samples", "c_init", "ad_distribution"),
             "multilabel_attacks": ("seed", "strategy", "split", "samples", "measured"),
-            "topk_poison": ("variant", "generator_seed"),
-            "multilabel_poison": ("variant", "generator_seed")}[part]
-    defaults = {"samples": SAMPLES, "generator_seed": 0, "split": "test",
+            "topk_poison": ("variant", "generator_seed", "generator"),
+            "multilabel_poison": ("variant", "generator_seed", "generator")}[part]
+    defaults = {"samples": SAMPLES, "generator_seed": 0, "split": "test", "generator": "unet16",
                 "measured": ["ml_cw", "ml_dp"]}
     return json.dumps([run.get(k, defaults.get(k)) for k in keys], sort_keys=True)
 
@@ -343,13 +347,18 @@ def markdown(result: dict[str, Any]) -> str:
                                  f"{_ms(v, 'mean_linf', 1, '.3f')} |")
         lines.append("")
     def by_variant(rows: list[dict[str, Any]], order: tuple[str, ...]):
-        """Per variant: one row per generator seed, then all of them pooled when there are several."""
+        """Per variant and generator: one row per generator seed, then all of them pooled when there are several."""
         for v in order:
-            sub = sorted((r for r in rows if r["variant"] == v), key=lambda r: r.get("generator_seed", 0))
-            for r in sub:
-                yield v, str(r.get("generator_seed", 0)), r["runs"], r.get("generator_seconds", "-")
-            if len(sub) > 1:
-                yield v, f"all {len(sub)} pooled", [x for r in sub for x in r["runs"]], "-"
+            generators = sorted({r.get("generator", "unet16") for r in rows if r["variant"] == v},
+                                key=lambda g: (g != "unet16", g))
+            for gen in generators:
+                name = v if gen == "unet16" or v == "clean" else f"{v}, `{gen}`"
+                sub = sorted((r for r in rows if r["variant"] == v and r.get("generator", "unet16") == gen),
+                             key=lambda r: r.get("generator_seed", 0))
+                for r in sub:
+                    yield name, str(r.get("generator_seed", 0)), r["runs"], r.get("generator_seconds", "-")
+                if len(sub) > 1:
+                    yield name, f"all {len(sub)} pooled", [x for r in sub for x in r["runs"]], "-"
 
     if "topk_poison" in result:
         rows = result["topk_poison"]["runs"]
@@ -380,6 +389,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=6, help="generator trials of the poisons (equal for all)")
+    ap.add_argument("--generator", default="unet16",
+                    help="topk_poison / multilabel_poison: the generator (unet16_cond: class-conditional)")
     ap.add_argument("--ml-methods", nargs="+", choices=ML_METHODS, default=["ml_cw", "ml_dp"])
     ap.add_argument("--ml-spaces", nargs="+", choices=ML_SPACES, default=["probability"],
                     help="multilabel_attacks: the loss spaces of the CW-style methods (probability: the paper's)")
@@ -431,9 +442,9 @@ def main() -> None:
         "multilabel_attacks": [(multilabel_attacks, s, st, args.grid, tuple(args.ml_methods), search, args.split,
                                 args.samples, tuple(args.ml_spaces))
                                for st in STRATEGIES for s in args.seeds],
-        "topk_poison": [(topk_poison, v, args.seeds, args.trials, args.clean, g)
+        "topk_poison": [(topk_poison, v, args.seeds, args.trials, args.clean, g, args.generator)
                         for g in args.generator_seeds for v in args.topk_poisons],
-        "multilabel_poison": [(multilabel_poison, v, args.seeds, args.trials, args.grid, g)
+        "multilabel_poison": [(multilabel_poison, v, args.seeds, args.trials, args.grid, g, args.generator)
                               for g in args.generator_seeds for v in args.ml_poisons],
     }
     with ProcessPoolExecutor(args.workers) as pool:

@@ -270,7 +270,7 @@ def run_strength(
             budget = int((x_p.to(torch.int16) - d.x_tr.to(torch.int16)).abs().max())
             # The test split's perturbations, from this job's own generator, for noise-only accuracy.
             gen, _ = stages.load_generator(job_dir / "generator.pt", device)
-            noise_te = perturbations(d.x_te, poison_images(gen, d.x_te, gcfg.eps, device))
+            noise_te = perturbations(d.x_te, poison_images(gen, d.x_te, gcfg.eps, device, labels=d.y_te))
             surrogate_models: dict[tuple[str, int], torch.nn.Module] = {}
 
             def keep(arch: str, recipe: str, seed: int, model: torch.nn.Module) -> None:

@@ -141,7 +141,8 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tupl
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}; rerun train_generator")
     try:
-        gen = create_generator(ckpt["generator_arch"], ckpt["in_channels"], ckpt["image_size"])
+        gen = create_generator(ckpt["generator_arch"], ckpt["in_channels"], ckpt["image_size"],
+                               num_classes=ckpt["num_classes"])
         gen.load_state_dict(ckpt["state_dict"])
     except (PoisonError, RuntimeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: its weights do not fit generator {ckpt['generator_arch']!r} ({exc}); "
@@ -210,7 +211,7 @@ def poison_shard(params: Params, plan: dict[str, Any], job: dict[str, Any]) -> d
         gen, ckpt = load_generator(params.paths.generator, device)
         begin, end = job["begin"], job["end"]
         x, y, meta = load_range(params.paths.clean, "train", begin, end)
-        x_p = poison_images(gen, x, ckpt["eps"], device, params.poison.batch_size)
+        x_p = poison_images(gen, x, ckpt["eps"], device, params.poison.batch_size, labels=y)
     diff = (x_p.to(torch.int16) - x.to(torch.int16)).abs()
     levels = budget_levels(ckpt["eps"])
     if diff.numel() and int(diff.max()) > levels:  # the quantizer guarantees this; a failure here is a bug

@@ -184,7 +184,7 @@ def _materialize(attack: DeepConfuse, params: Any, clean_path: str, out_path: st
     """Poison the clean training split of ``clean_path`` with the kept generator; write it as shards."""
     clean = read_manifest(clean_path)
     x, y, _ = load_split(clean_path, "train")
-    x_p = attack.poison(x, section.batch_size)
+    x_p = attack.poison(x, section.batch_size, labels=y)
     levels = budget_levels(attack.config.eps)
     diff = (x_p.to(torch.int16) - x.to(torch.int16)).abs()
     if diff.numel() and int(diff.max()) > levels:  # the quantizer guarantees this; a failure here is a bug

@@ -353,6 +353,40 @@ def test_state_loads_weights_only_and_restores_generator(tiny_data):
     assert torch.equal(poison_images(gen, x, 0.3), attack.poison(x))
 
 
+def test_class_conditional_generator_trains_poisons_by_label_and_round_trips(tiny_data):
+    attack = _fit(tiny_data, trials=2, generator="test_unet_cond", target="label_specific")
+    x, y = tiny_data[0][:10], tiny_data[1][:10]
+    stored = attack.poison(x, batch_size=3, labels=y)
+    assert int((stored.to(torch.int16) - x.to(torch.int16)).abs().max()) <= budget_levels(0.3)
+    # the label is an input: one image, two labels, two poisons
+    one = x[:1].expand(2, -1, -1, -1).contiguous()
+    pair = attack.poison(one, labels=torch.tensor([3, 4]))
+    assert not torch.equal(pair[0], pair[1])
+    with pytest.raises(ConfigError, match=r"labels: this generator is class-conditional"):
+        attack.poison(x)
+    buf = io.BytesIO()
+    torch.save(attack.state(), buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    gen = create_generator(ckpt["generator_arch"], 1, 28, num_classes=ckpt["num_classes"])
+    gen.load_state_dict(ckpt["state_dict"])
+    assert torch.equal(poison_images(gen, x, 0.3, labels=y), stored)
+
+
+def test_generator_ema_poisons_with_the_weight_average(tiny_data):
+    # each trial's poison (victim training and validation) comes from the average, not the last step
+    plain, averaged = _fit(tiny_data, trials=2), _fit(tiny_data, trials=2, generator_ema=0.5)
+    a, b = plain.generator.state_dict(), averaged.generator.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    average, model = create_generator("test_unet", 1, 28), create_generator("test_unet", 1, 28)
+    before = [p.detach().clone() for p in average.parameters()]
+    deepconfuse._ema_update(average, model, 0.75)
+    for p0, p, q in zip(before, average.parameters(), model.parameters()):
+        assert torch.allclose(p, 0.75 * p0 + 0.25 * q)
+    with pytest.raises(ConfigError, match=r"generator_ema: expected 0 <= generator_ema < 1"):
+        _tiny_config(generator_ema=1.0)
+
+
 # ------------------------------------------------------------------ gradient alignment
 def _cosine_by_hand(victim, gen, x, y, cfg, push):
     """cos(grad of CE on the poison, grad of CE to push(y) on clean x), computed with plain autograd."""

@@ -6,8 +6,19 @@ import pytest
 import torch
 
 from poison.errors import ConfigError
-from poison.models import CLASSIFIERS, GENERATORS, MIN_IMAGE_SIZE, create_classifier, create_generator
+from poison.models import CLASSIFIERS, GENERATORS, MIN_IMAGE_SIZE, create_classifier, create_generator, is_conditional
 from poison.train import build_model
+
+
+def _generator(name: str, channels: int, size: int) -> torch.nn.Module:
+    return create_generator(name, channels, size, num_classes=10 if is_conditional(name) else None)
+
+
+def _direction(gen: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """g(x), or g(x, y) with arbitrary labels for a class-conditional generator."""
+    if getattr(gen, "conditional", False):
+        return gen(x, torch.arange(x.shape[0]) % 10)
+    return gen(x)
 
 
 CLASSIFIER_CASES = [(n, c, s) for n in CLASSIFIERS for c in (1, 3) for s in (28, 32)]
@@ -31,11 +42,11 @@ def test_classifier_output_shape(name, channels, size):
 @pytest.mark.parametrize("name, channels, size", GENERATOR_CASES)
 def test_generator_output_shape_and_range(name, channels, size):
     torch.manual_seed(0)
-    gen = create_generator(name, in_channels=channels, image_size=size).eval()
+    gen = _generator(name, channels, size).eval()
     with torch.no_grad():
         # extreme inputs too: the tanh output must stay in [-1, 1]
         x = torch.cat([torch.rand(1, channels, size, size), torch.ones(1, channels, size, size)])
-        out = gen(x)
+        out = _direction(gen, x)
     assert out.shape == x.shape
     assert float(out.min()) >= -1.0 and float(out.max()) <= 1.0
     assert out.std() > 0, "a generator that outputs a constant cannot perturb anything"
@@ -51,11 +62,12 @@ def test_model_works_at_its_declared_min_size(name):
             model = create_classifier(name, channels, size, 10).eval()
             expected = (2, 10)
         else:
-            model = create_generator(name, channels, size).eval()
+            model = _generator(name, channels, size).eval()
             expected = (2, channels, size, size)
         with torch.no_grad():
             try:
-                out = model(torch.rand(2, channels, size, size))
+                x = torch.rand(2, channels, size, size)
+                out = model(x) if name in CLASSIFIERS else _direction(model, x)
             except RuntimeError as exc:
                 pytest.fail(f"{name} rejects its declared MIN_IMAGE_SIZE {size} ({channels} channels): {exc}")
         assert out.shape == expected
@@ -64,8 +76,8 @@ def test_model_works_at_its_declared_min_size(name):
 @pytest.mark.parametrize("name", sorted(GENERATORS))
 def test_generator_trains_on_a_batch_of_two(name):
     torch.manual_seed(0)
-    gen = create_generator(name, in_channels=1, image_size=28).train()
-    out = gen(torch.rand(2, 1, 28, 28))
+    gen = _generator(name, 1, 28).train()
+    out = _direction(gen, torch.rand(2, 1, 28, 28))
     out.sum().backward()
     assert all(p.grad is not None for p in gen.parameters() if p.requires_grad)
 
@@ -101,3 +113,22 @@ def test_build_model_is_seeded_and_leaves_global_rng_alone():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_class_conditional_generator_depends_on_the_label_and_takes_multi_hot_labels():
+    torch.manual_seed(0)
+    gen = create_generator("test_unet_cond", 1, 28, num_classes=4).eval()
+    x = torch.rand(1, 1, 28, 28).expand(4, -1, -1, -1)
+    with torch.no_grad():
+        out = gen(x, torch.arange(4))
+        # same image, four labels: four different perturbations
+        assert all(not torch.allclose(out[i], out[j]) for i in range(4) for j in range(i))
+        # a one-hot label vector is the same label; several labels sum their planes
+        assert torch.allclose(gen(x[:1], torch.tensor([[0, 0, 1, 0]])), out[2:3], atol=1e-6)
+        assert gen(x[:1], torch.tensor([[1, 0, 1, 0]])).shape == (1, 1, 28, 28)
+    assert is_conditional("test_unet_cond") and not is_conditional("test_unet")
+
+
+def test_class_conditional_generator_needs_the_number_of_classes():
+    with pytest.raises(ConfigError, match=r"class-conditional and needs the number of classes"):
+        create_generator("test_unet_cond", 1, 28, key="train_generator.generator")

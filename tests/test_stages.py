@@ -13,7 +13,7 @@ import torch
 
 from conftest import pipeline_stages, tiny_params
 from poison import stages
-from poison.attacks.deepconfuse import budget_levels
+from poison.attacks.deepconfuse import budget_levels, poison_images
 from poison.errors import CheckpointError, ShardError
 from poison.shards import load_split, manifest_sha256, read_manifest, verify_dataset
 
@@ -276,3 +276,19 @@ def test_label_specific_pipeline_records_targets(session_params, clean_dataset, 
     metrics = json.loads((tmp_path / "reports" / "evaluate" / "metrics.json").read_text())
     assert metrics["target"] == "label_specific"
     assert 0.0 <= metrics["poisoned"]["test_cnn"]["runs"][0]["target_rate"] <= 1.0
+
+
+def test_class_conditional_generator_poisons_each_sample_with_its_own_label(session_params, clean_dataset, tmp_path):
+    base = _params_with(session_params, tmp_path, generator=str(tmp_path / "generator.pt"))
+    params = dataclasses.replace(base, train_generator=dataclasses.replace(
+        base.train_generator, generator="test_unet_cond", trials=1))
+    stages.train_generator(params)
+    stages.poison(params)
+    x, y, _ = load_split(clean_dataset, "train")
+    x_p, y_p, _ = load_split(params.paths.poisoned, "train")
+    assert torch.equal(y_p, y)
+    gen, ckpt = stages.load_generator(params.paths.generator)
+    assert ckpt["generator_arch"] == "test_unet_cond"
+    assert torch.equal(poison_images(gen, x, ckpt["eps"], labels=y), x_p)
+    # the same images under other labels would have been poisoned differently
+    assert not torch.equal(poison_images(gen, x, ckpt["eps"], labels=(y + 1) % 10), x_p)

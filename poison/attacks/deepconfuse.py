@@ -118,6 +118,7 @@ class DeepConfuseConfig:
     quantize: bool = True
     precision: Literal["float32", "bfloat16"] = "float32"  # training steps only; poisons are made in float32
     select_every: int = 1
+    generator_ema: float = 0.0             # > 0: the poison of each trial comes from an EMA of the generator's weights
     adversarial_weight: float = 0.0
     adversarial_shift: int = 1
     references: int = 1                    # clean reference models of the adversarial term (mean softmax)
@@ -162,6 +163,8 @@ class DeepConfuseConfig:
                 raise ConfigError(
                     f"target_map: expected one label >= 0 per class, each different from its class, got {list(self.target_map)}"
                 )
+        if not 0 <= self.generator_ema < 1:
+            raise ConfigError(f"generator_ema: expected 0 <= generator_ema < 1 (0: off), got {self.generator_ema}")
         if self.adversarial_weight < 0:
             raise ConfigError(f"adversarial_weight: expected >= 0, got {self.adversarial_weight}")
         if self.precision not in ("float32", "bfloat16"):
@@ -179,23 +182,35 @@ def budget_levels(eps: float) -> int:
     return int(math.floor(eps * 255 + 1e-9))
 
 
-def perturb(generator: nn.Module, x: torch.Tensor, eps: float, quantize: bool = False) -> torch.Tensor:
+def perturb(generator: nn.Module, x: torch.Tensor, eps: float, quantize: bool = False,
+            labels: torch.Tensor | None = None) -> torch.Tensor:
     """Return the poison clip(x + eps * g(x), 0, 1), optionally uint8-quantized.
 
     With ``quantize`` the rounding to 1/255 steps is done with a straight-through
     gradient, so a generator trained this way optimises the poison as it will be stored.
+    A class-conditional generator (``ClassConditional``) is g(x, labels) and needs ``labels``.
 
     Shape:
         x: (N, C, H, W) float in [0, 1] (with ``quantize``: on the 1/255 grid of uint8 images)
+        labels: (N,) int64 or (N, L) multi-hot, for a class-conditional generator
         returns: (N, C, H, W) float in [0, 1]
     """
-    x_p = torch.clamp(x + eps * generator(x), 0.0, 1.0)
+    x_p = torch.clamp(x + eps * _direction(generator, x, labels), 0.0, 1.0)
     if quantize:
         # Exactly what quantize_poison stores (x is on the 1/255 grid of the uint8 source).
         m = budget_levels(eps) / 255.0
         stored = torch.minimum(torch.maximum(torch.round(x_p * 255.0) / 255.0, x - m), x + m).clamp(0.0, 1.0)
         x_p = x_p + (stored - x_p).detach()
     return x_p
+
+
+def _direction(generator: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Return g(x), or g(x, labels) for a class-conditional generator."""
+    if not getattr(generator, "conditional", False):
+        return generator(x)
+    if labels is None:
+        raise ConfigError("labels: this generator is class-conditional (g(x, y)); pass the images' labels")
+    return generator(x, labels.to(x.device))
 
 
 @torch.no_grad()
@@ -244,7 +259,8 @@ class DeepConfuse:
         self.target = Target.from_config(config, num_classes, multi_label)
         with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(derive_seed(seed, "generator-init"))
-            self.generator = create_generator(config.generator, in_channels, image_size).to(self.device)
+            self.generator = create_generator(config.generator, in_channels, image_size,
+                                              num_classes=num_classes).to(self.device)
         self.generator.eval()
         self.curve: list[TrialRecord] = []
         self.best_trial: int | None = None
@@ -264,7 +280,7 @@ class DeepConfuse:
         params = {k: p.detach().requires_grad_(True) for k, p in victim.named_parameters()}
         # Copies: the generator's passes must not move the victim's BatchNorm statistics.
         buffers = {k: b.clone() for k, b in victim.named_buffers()}
-        x_p = perturb(g_train, x, cfg.eps, cfg.quantize)
+        x_p = perturb(g_train, x, cfg.eps, cfg.quantize, y)
         outer = OBJECTIVES[cfg.objective](victim, params, buffers, x, x_p, y, self.target.generator_loss, cfg.unroll_lr)
         if self._references:
             # [adapt] Targeted-adversarial term against clean-trained reference models:
@@ -355,6 +371,7 @@ class DeepConfuse:
         order_gen = make_generator(self.seed, "batch-order")
         g_train = copy.deepcopy(self.generator).train()
         g_frozen = copy.deepcopy(self.generator).eval()
+        g_ema = copy.deepcopy(self.generator) if cfg.generator_ema > 0 else None
         opt_g = torch.optim.Adam(g_train.parameters(), lr=cfg.generator_lr)
         best_score, best_state = math.inf, copy.deepcopy(self.generator.state_dict())
         n = x_all.shape[0]
@@ -380,14 +397,17 @@ class DeepConfuse:
                     x, y = x_all[idx], y_all[idx]
                     with self._autocast():
                         self._unrolled_generator_step(victim, g_train, opt_g, x, y)
+                    if g_ema is not None:
+                        _ema_update(g_ema, g_train, cfg.generator_ema)
+                    with self._autocast():
                         with torch.no_grad():
-                            x_p = perturb(g_frozen, x, cfg.eps, cfg.quantize)
+                            x_p = perturb(g_frozen, x, cfg.eps, cfg.quantize, y)
                         loss = victim_loss(victim(x_p), y)
                     opt_v.zero_grad(set_to_none=True)
                     loss.backward()
                     opt_v.step()
                     step += 1
-            g_frozen.load_state_dict(g_train.state_dict())
+            g_frozen.load_state_dict((g_train if g_ema is None else g_ema).state_dict())
             g_frozen.eval()
             record = TrialRecord(trial, step, 0.0, None, None)
             if (trial + 1) % cfg.select_every == 0 or trial == cfg.trials - 1:
@@ -417,16 +437,19 @@ class DeepConfuse:
         candidates differ only by their poison, not by the luck of a seed.
         """
         del trial
-        poisoned = poison_images(gen, train_images, self.config.eps, self.device)
+        poisoned = poison_images(gen, train_images, self.config.eps, self.device, labels=train_labels)
         victim = self._victim(0, "validation-victim")
         order = make_generator(self.seed, "validation-order")
         train_classifier(victim, poisoned, train_labels, self.config.validation, order)
         return self.target.score(predict(victim, val_images), val_labels)
 
     # ----------------------------------------------------------------- applying
-    def poison(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-        """Return the stored poison of ``images`` (uint8, within eps) from the kept generator."""
-        return poison_images(self.generator, images, self.config.eps, self.device, batch_size)
+    def poison(self, images: torch.Tensor, batch_size: int = 500, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the stored poison of ``images`` (uint8, within eps) from the kept generator.
+
+        ``labels``: the images' labels, needed by a class-conditional generator.
+        """
+        return poison_images(self.generator, images, self.config.eps, self.device, batch_size, labels)
 
     def state(self) -> dict:
         """Return a checkpoint: tensors and plain values only (loadable with weights_only=True)."""
@@ -448,12 +471,23 @@ class DeepConfuse:
 
 
 @torch.no_grad()
+def _ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """Move ``average``'s parameters ``1 - decay`` of the way to ``model``'s; copy its buffers."""
+    for a, p in zip(average.parameters(), model.parameters()):
+        a.lerp_(p.detach(), 1.0 - decay)
+    for a, b in zip(average.buffers(), model.buffers()):
+        a.copy_(b)
+
+
+@torch.no_grad()
 def poison_images(generator: nn.Module, images: torch.Tensor, eps: float,
-                  device: torch.device | str = "cpu", batch_size: int = 500) -> torch.Tensor:
+                  device: torch.device | str = "cpu", batch_size: int = 500,
+                  labels: torch.Tensor | None = None) -> torch.Tensor:
     """Return the stored (uint8) poison of uint8 ``images`` under ``generator`` in eval mode.
 
     Shape:
         images: (N, C, H, W) uint8
+        labels: (N,) or (N, L), the images' labels (a class-conditional generator needs them)
         returns: (N, C, H, W) uint8, |returns - images| <= floor(eps * 255)
     """
     was_training = generator.training
@@ -462,6 +496,7 @@ def poison_images(generator: nn.Module, images: torch.Tensor, eps: float,
     for i in range(0, images.shape[0], batch_size):
         clean = images[i : i + batch_size]
         x = to_float(clean).to(device)
-        out.append(quantize_poison(clean, perturb(generator, x, eps).cpu(), eps))
+        y = None if labels is None else labels[i : i + batch_size]
+        out.append(quantize_poison(clean, perturb(generator, x, eps, labels=y).cpu(), eps))
     generator.train(was_training)
     return torch.cat(out) if out else images.clone()

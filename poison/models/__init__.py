@@ -13,9 +13,9 @@ from torch import nn
 
 from poison.errors import ConfigError
 from poison.models.classifiers import DCCNN, MLP, ResNet
-from poison.models.generators import DCAutoencoder, UNet
+from poison.models.generators import ClassConditional, DCAutoencoder, UNet
 
-__all__ = ["CLASSIFIERS", "GENERATORS", "create_classifier", "create_generator", "check_classifiers", "MIN_IMAGE_SIZE"]
+__all__ = ["CLASSIFIERS", "GENERATORS", "create_classifier", "create_generator", "is_conditional", "check_classifiers", "MIN_IMAGE_SIZE"]
 
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "dc_cnn": DCCNN,
@@ -34,12 +34,16 @@ GENERATORS: dict[str, Callable[..., nn.Module]] = {
     "unet16": partial(UNet, width=16),
     "test_autoencoder": partial(DCAutoencoder, width=2),
     "test_unet": partial(UNet, width=4),
+    # Class-conditional: the generator also sees the label (ClassConditional).
+    "unet16_cond": partial(ClassConditional, partial(UNet, width=16)),
+    "test_unet_cond": partial(ClassConditional, partial(UNet, width=4)),
 }
 
 #: Smallest square input each model accepts (all sizes above work).
 MIN_IMAGE_SIZE: dict[str, int] = {
     "dc_cnn": 16, "dc_cnn_small": 16, "dc_cnn_large": 20, "mlp": 1, "resnet8": 8, "resnet20": 8,
     "test_cnn": 16, "dc_autoencoder": 16, "unet": 8, "unet16": 8, "test_autoencoder": 16, "test_unet": 8,
+    "unet16_cond": 8, "test_unet_cond": 8,
 }
 
 
@@ -73,7 +77,23 @@ def create_classifier(name: str, in_channels: int, image_size: int, num_classes:
     return CLASSIFIERS[name](in_channels=in_channels, image_size=image_size, num_classes=num_classes)
 
 
-def create_generator(name: str, in_channels: int, image_size: int, key: str = "generator") -> nn.Module:
-    """Return a freshly initialised perturbation generator ``name``."""
+def create_generator(name: str, in_channels: int, image_size: int, key: str = "generator",
+                     num_classes: int | None = None) -> nn.Module:
+    """Return a freshly initialised perturbation generator ``name``.
+
+    Class-conditional generators (``is_conditional``) also need ``num_classes`` (labels, for multi-label data).
+    """
     _check("generator", GENERATORS, name, key, in_channels, image_size)
+    if is_conditional(name):
+        if num_classes is None:
+            raise ConfigError(f"{key}: {name!r} is class-conditional and needs the number of classes")
+        return GENERATORS[name](in_channels=in_channels, image_size=image_size, num_classes=num_classes)
     return GENERATORS[name](in_channels=in_channels, image_size=image_size)
+
+
+def is_conditional(name: str) -> bool:
+    """Whether generator ``name`` takes the labels too, g(x, y)."""
+    factory = GENERATORS[name]
+    while isinstance(factory, partial):
+        factory = factory.func
+    return bool(getattr(factory, "conditional", False))

@@ -6,6 +6,8 @@ same shape; the attack scales it by eps.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,7 +78,7 @@ class UNet(nn.Module):
         returns: (N, C, H, W) in [-1, 1]
     """
 
-    def __init__(self, in_channels: int, image_size: int, width: int = 64) -> None:
+    def __init__(self, in_channels: int, image_size: int, width: int = 64, out_channels: int | None = None) -> None:
         super().__init__()
         del image_size
         w = width
@@ -86,7 +88,7 @@ class UNet(nn.Module):
             [nn.ConvTranspose2d(8 * w, 4 * w, 2, 2), nn.ConvTranspose2d(4 * w, 2 * w, 2, 2), nn.ConvTranspose2d(2 * w, w, 2, 2)]
         )
         self.merge = nn.ModuleList([_double_conv(8 * w, 4 * w), _double_conv(4 * w, 2 * w), _double_conv(2 * w, w)])
-        self.out = nn.Conv2d(w, in_channels, 1)
+        self.out = nn.Conv2d(w, in_channels if out_channels is None else out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -101,3 +103,35 @@ class UNet(nn.Module):
         for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
             y = merge(torch.cat([up(y), skip], dim=1))
         return torch.tanh(self.out(y))[..., :h, :w]
+
+
+class ClassConditional(nn.Module):
+    """A generator that also sees each image's label: g(x, y) [adapt].
+
+    The poisoner knows the labels of the data it releases, and a label-specific poison's
+    goal depends on the label; an unconditional g(x) must first recognise the digit from
+    its pixels, and its mistakes on look-alike classes (4 / 9, 7 / 9) become the poison's.
+    Each label owns ``planes`` learned maps of the image's size, concatenated to the input
+    channels of ``base`` (multi-hot labels sum the maps of their labels).
+
+    Shape:
+        x: (N, C, H, W) in [0, 1]; y: (N,) int64 labels, or (N, L) in {0, 1}
+        returns: (N, C, H, W) in [-1, 1]
+    """
+
+    conditional = True
+
+    def __init__(self, base: Callable[..., nn.Module], in_channels: int, image_size: int, num_classes: int,
+                 planes: int = 4) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Parameter(torch.zeros(num_classes, planes, image_size, image_size))
+        nn.init.normal_(self.embed, std=0.1)
+        self.base = base(in_channels=in_channels + planes, image_size=image_size, out_channels=in_channels)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        onehot = y.to(self.embed.dtype) if y.ndim == 2 else F.one_hot(y.long(), self.num_classes).to(self.embed.dtype)
+        planes = torch.einsum("nk,kphw->nphw", onehot, self.embed)
+        if planes.shape[-2:] != x.shape[-2:]:
+            planes = F.interpolate(planes, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.base(torch.cat([x, planes.to(x.dtype)], dim=1))
