@@ -38,6 +38,13 @@ RECIPES = {"A": BENCH_RECIPES["A"], "B5": TrainConfig("adam", 1e-3, epochs=5, ba
            "B20": BENCH_RECIPES["B20"]}
 
 
+def default_split():
+    """Return the pipeline's default (train, val, test) of mnist5k: stratified 3,500 / 500 / 1,000, seed 0."""
+    ds = load_source("mnist5k")
+    split = stratified_split(ds.labels, {"train": -1, "val": 500, "test": 1000}, make_generator(0, "split"))
+    return tuple(ds.subset(split[k]) for k in ("train", "val", "test"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default="{}", help="JSON overrides of train_generator")
@@ -51,9 +58,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     overrides = json.loads(args.config)
     cfg = from_dict(DeepConfuseConfig, overrides, "train_generator")
-    ds = load_source("mnist5k")
-    split = stratified_split(ds.labels, {"train": -1, "val": 500, "test": 1000}, make_generator(0, "split"))
-    tr, va, te = (ds.subset(split[k]) for k in ("train", "val", "test"))
+    tr, va, te = default_split()
     if args.split == "val":
         te = va
     attack = DeepConfuse(cfg, 1, 28, 10, seed=args.seed)

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from deepconfuse_config import default_split  # this folder (the script's own) is on sys.path
 from poison.attacks.deepconfuse import DeepConfuse, DeepConfuseConfig, poison_images
 from poison.bench import RECIPES
 from poison.config import from_dict
-from poison.data import load_source, stratified_split
 from poison.train import build_model, predict, train_classifier
-from poison.utils import derive_seed, make_generator
+from poison.utils import derive_seed
 
 
 def main() -> None:
@@ -45,9 +45,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     overrides = json.loads(args.config)
     cfg = from_dict(DeepConfuseConfig, overrides, "train_generator")
-    ds = load_source("mnist5k")
-    split = stratified_split(ds.labels, {"train": -1, "val": 500, "test": 1000}, make_generator(0, "split"))
-    tr, va, te = (ds.subset(split[k]) for k in ("train", "val", "test"))
+    tr, va, te = default_split()
     scored = va if args.split == "val" else te
     attack = DeepConfuse(cfg, 1, 28, 10, seed=args.seed)
     kept: dict[int, tuple[dict, float]] = {}
