@@ -52,6 +52,7 @@ SEARCH = {"iterations": 100, "binary_steps": 4}  # CW-style search budget (CPU);
 TOPK_POISONS = ("label_specific", "topk1", "topk3")
 ML_POISONS = ("flip", "untargeted")
 SAMPLES = 500
+TRIALS = 6  # generator trials of the poisons unless --trials says otherwise
 
 
 def _recipe(epochs: int = 10):
@@ -295,10 +296,10 @@ def _identity(part: str, run: dict[str, Any]) -> str:
     """What makes a run of ``part`` the same measurement (a rerun replaces it)."""
     keys = {"topk_attacks": ("seed", "k", "split", "samples", "c_init", "ad_distribution"),
             "multilabel_attacks": ("seed", "strategy", "split", "samples", "measured"),
-            "topk_poison": ("variant", "generator_seed", "generator"),
-            "multilabel_poison": ("variant", "generator_seed", "generator")}[part]
+            "topk_poison": ("variant", "generator_seed", "generator", "trials"),
+            "multilabel_poison": ("variant", "generator_seed", "generator", "trials")}[part]
     defaults = {"samples": SAMPLES, "generator_seed": 0, "split": "test", "generator": "unet16",
-                "measured": ["ml_cw", "ml_dp"]}
+                "measured": ["ml_cw", "ml_dp"], "trials": TRIALS}
     return json.dumps([run.get(k, defaults.get(k)) for k in keys], sort_keys=True)
 
 def _ms(rows: list[dict[str, Any]], key: str, scale: float = 100.0, fmt: str = ".1f") -> str:
@@ -347,13 +348,19 @@ def markdown(result: dict[str, Any]) -> str:
                                  f"{_ms(v, 'mean_linf', 1, '.3f')} |")
         lines.append("")
     def by_variant(rows: list[dict[str, Any]], order: tuple[str, ...]):
-        """Per variant and generator: one row per generator seed, then all of them pooled when there are several."""
+        """Per variant, generator and trial count: one row per generator seed, then all of them
+        pooled when there are several."""
+        def kind(r: dict[str, Any]) -> tuple[str, int]:
+            return r.get("generator", "unet16"), r.get("trials", TRIALS)
+
         for v in order:
-            generators = sorted({r.get("generator", "unet16") for r in rows if r["variant"] == v},
-                                key=lambda g: (g != "unet16", g))
-            for gen in generators:
+            kinds = sorted({kind(r) for r in rows if r["variant"] == v},
+                           key=lambda k: (k[0] != "unet16", k[0], k[1]))
+            for gen, trials in kinds:
                 name = v if gen == "unet16" or v == "clean" else f"{v}, `{gen}`"
-                sub = sorted((r for r in rows if r["variant"] == v and r.get("generator", "unet16") == gen),
+                if trials != TRIALS and v != "clean":
+                    name += f", {trials} trials"
+                sub = sorted((r for r in rows if r["variant"] == v and kind(r) == (gen, trials)),
                              key=lambda r: r.get("generator_seed", 0))
                 for r in sub:
                     yield name, str(r.get("generator_seed", 0)), r["runs"], r.get("generator_seconds", "-")
@@ -388,7 +395,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--trials", type=int, default=6, help="generator trials of the poisons (equal for all)")
+    ap.add_argument("--trials", type=int, default=TRIALS, help="generator trials of the poisons (equal for all)")
     ap.add_argument("--generator", default="unet16",
                     help="topk_poison / multilabel_poison: the generator (unet16_cond: class-conditional)")
     ap.add_argument("--ml-methods", nargs="+", choices=ML_METHODS, default=["ml_cw", "ml_dp"])

@@ -199,3 +199,23 @@ def test_targets_merge_keeps_the_methods_a_rerun_did_not_measure():
     assert len(again["runs"]) == 1 and again["runs"][0]["ad"] == {"mean_l2": 3.7}  # a rerun replaces its method
     other = targets._merge("topk_attacks", merged, {"runs": [{**run, "k": 1, "ad": {"mean_l2": 2.3}}]})
     assert len(other["runs"]) == 2  # a different measurement is added
+
+
+def test_targets_poison_runs_of_other_trial_counts_are_other_measurements():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_targets", REPO / "benchmarks" / "targets.py")
+    targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(targets)
+    down = [{"seed": 0, "exact_match": 0.5, "hamming_loss": 0.1, "macro_f1": 0.8, "label0_f1": 0.8, "target_rate": 0.0}]
+    six = {"variant": "untargeted", "generator": "unet16_cond", "generator_seed": 0, "trials": 6, "runs": down}
+    twelve = {**six, "trials": 12, "runs": [{**down[0], "exact_match": 0.1}]}
+    merged = targets._merge("multilabel_poison", {"runs": [six]}, {"runs": [twelve]})
+    assert len(merged["runs"]) == 2  # 12 trials does not replace the 6-trial run
+    again = targets._merge("multilabel_poison", merged, {"runs": [{**twelve, "runs": down}]})
+    assert len(again["runs"]) == 2 and again["runs"][-1]["runs"] == down  # a rerun of the same replaces it
+    table = targets.markdown({"multilabel_poison": again})
+    assert "| untargeted, `unet16_cond` | 0 | 50.0" in table
+    assert "| untargeted, `unet16_cond`, 12 trials | 0 | 50.0" in table
