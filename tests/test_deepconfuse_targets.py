@@ -198,3 +198,30 @@ def test_references_need_the_adversarial_term():
         _cfg(references=2)
     with pytest.raises(ConfigError, match="references: expected an integer >= 1"):
         _cfg(references=0, adversarial_weight=1.0)
+
+
+def test_class_conditional_multilabel_generator_poisons_by_label_vector_and_round_trips():
+    # the multi-label benchmark's path: multi-hot labels through fit, poison and a checkpoint
+    import io
+
+    from poison.attacks.deepconfuse import poison_images
+    from poison.models import create_generator
+
+    x, _ = _data()
+    y = (torch.rand(48, 4, generator=torch.Generator().manual_seed(1)) < 0.4).long()
+    dc = DeepConfuse(_cfg(generator="test_unet_cond", trials=1), 1, 16, 4, seed=0, multi_label=True)
+    dc.fit(x, y, x[:16], y[:16])
+    stored = dc.poison(x, labels=y)
+    assert int((stored.to(torch.int16) - x.to(torch.int16)).abs().max()) <= 76
+    one = x[:1].expand(2, -1, -1, -1).contiguous()
+    pair = dc.poison(one, labels=torch.tensor([[1, 0, 0, 0], [1, 0, 1, 0]]))
+    assert not torch.equal(pair[0], pair[1])  # another label set, another poison
+    buf = io.BytesIO()
+    torch.save(dc.state(), buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    gen = create_generator(ckpt["generator_arch"], 1, 16, num_classes=ckpt["num_classes"])
+    gen.load_state_dict(ckpt["state_dict"])
+    assert torch.equal(poison_images(gen, x, 0.3, labels=y), stored)
+    with pytest.raises(ConfigError, match=r"labels: 47 labels for 48 images"):
+        poison_images(gen, x, 0.3, labels=y[:47])

@@ -129,6 +129,19 @@ def test_class_conditional_generator_depends_on_the_label_and_takes_multi_hot_la
     assert is_conditional("test_unet_cond") and not is_conditional("test_unet")
 
 
+@pytest.mark.parametrize("labels, message", [
+    (torch.zeros(3, 1, dtype=torch.long), r"expected shape \(3,\) class indices or \(3, 4\) multi-hot"),
+    (torch.zeros(3, 5, dtype=torch.long), r"got \(3, 5\)"),
+    (torch.zeros(2, dtype=torch.long), r"got \(2,\)"),
+    (torch.tensor([0, 4, 1]), r"class indices must be in \[0, 3\], got 0..4"),
+])
+def test_class_conditional_generator_refuses_labels_of_the_wrong_shape_or_range(labels, message):
+    # an (N, 1) column of indices would otherwise broadcast into a sum of every class's planes
+    gen = create_generator("test_unet_cond", 1, 28, num_classes=4)
+    with pytest.raises(ValueError, match=message):
+        gen(torch.rand(3, 1, 28, 28), labels)
+
+
 def test_class_conditional_generator_needs_the_number_of_classes():
     with pytest.raises(ConfigError, match=r"class-conditional and needs the number of classes"):
         create_generator("test_unet_cond", 1, 28, key="train_generator.generator")

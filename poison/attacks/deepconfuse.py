@@ -472,7 +472,12 @@ class DeepConfuse:
 
 @torch.no_grad()
 def _ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """Move ``average``'s parameters ``1 - decay`` of the way to ``model``'s; copy its buffers."""
+    """Move ``average``'s parameters ``1 - decay`` of the way to ``model``'s; copy its buffers.
+
+    Buffers (BatchNorm running statistics) are copied, not averaged: they then describe the
+    trained weights' activations rather than the average's, the usual choice for weight
+    averaging without a recalibration pass. Averaging itself gave no gain (BENCHMARKS.md 4.8),
+    so no recalibration pass was added."""
     for a, p in zip(average.parameters(), model.parameters()):
         a.lerp_(p.detach(), 1.0 - decay)
     for a, b in zip(average.buffers(), model.buffers()):
@@ -490,6 +495,8 @@ def poison_images(generator: nn.Module, images: torch.Tensor, eps: float,
         labels: (N,) or (N, L), the images' labels (a class-conditional generator needs them)
         returns: (N, C, H, W) uint8, |returns - images| <= floor(eps * 255)
     """
+    if labels is not None and labels.shape[0] != images.shape[0]:
+        raise ConfigError(f"labels: {labels.shape[0]} labels for {images.shape[0]} images; pass one per image")
     was_training = generator.training
     generator.eval()
     out = []

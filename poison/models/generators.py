@@ -133,7 +133,13 @@ class ClassConditional(nn.Module):
         self.base = base(in_channels=in_channels + planes, image_size=image_size, out_channels=in_channels)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        onehot = y.to(self.embed.dtype) if y.ndim == 2 else F.one_hot(y.long(), self.num_classes).to(self.embed.dtype)
+        n, k = x.shape[0], self.num_classes
+        if y.shape not in ((n,), (n, k)):
+            raise ValueError(f"labels: expected shape ({n},) class indices or ({n}, {k}) multi-hot for {n} "
+                             f"images and {k} classes, got {tuple(y.shape)}; pass one label (vector) per image")
+        if y.ndim == 1 and y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+            raise ValueError(f"labels: class indices must be in [0, {k - 1}], got {int(y.min())}..{int(y.max())}")
+        onehot = y.to(self.embed.dtype) if y.ndim == 2 else F.one_hot(y.long(), k).to(self.embed.dtype)
         planes = torch.einsum("nk,kphw->nphw", onehot, self.embed)
         if planes.shape[-2:] != x.shape[-2:]:
             planes = F.interpolate(planes, size=x.shape[-2:], mode="bilinear", align_corners=False)
