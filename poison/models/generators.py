@@ -114,8 +114,9 @@ class ClassConditional(nn.Module):
     input channels of ``base`` (multi-hot labels sum the maps of their labels), so the poison
     can also carry a pattern per label or label combination. Measured (BENCHMARKS.md 4.8 and
     8): no stronger on single-label MNIST poisons; on the multi-label composites the untargeted
-    poison cuts exact match to 22% where g(x) leaves 50% (three generator seeds pooled; per
-    seed 9-44%: whether training finds the label shortcut varies from run to run).
+    poison cuts exact match to 22% where g(x) leaves 50% (6 trials, three generator seeds
+    pooled; per seed 9-44%: whether training finds the label shortcut varies from run to run),
+    and to 9% with 12 trials (per seed 1-16%).
 
     Shape:
         x: (N, C, H, W) in [0, 1]; y: (N,) int64 labels, or (N, L) in {0, 1}
