@@ -78,6 +78,21 @@ TINY = {
 }
 
 
+def reload_generator(state: dict[str, Any], channels: int, size: int) -> torch.nn.Module:
+    """A generator rebuilt from ``DeepConfuse.state()`` through a ``weights_only`` checkpoint round trip."""
+    import io
+
+    from poison.models import create_generator
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    gen = create_generator(ckpt["generator_arch"], channels, size, num_classes=ckpt["num_classes"])
+    gen.load_state_dict(ckpt["state_dict"])
+    return gen
+
+
 def tiny_params_dict(base: str | os.PathLike[str] | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
     """Return the tiny params as a params.yaml-shaped dict.
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from conftest import reload_generator
+
 from poison.attacks import deepconfuse
 from poison.attacks.deepconfuse import (
     DeepConfuse,
@@ -364,12 +366,7 @@ def test_class_conditional_generator_trains_poisons_by_label_and_round_trips(tin
     assert not torch.equal(pair[0], pair[1])
     with pytest.raises(ConfigError, match=r"labels: this generator is class-conditional"):
         attack.poison(x)
-    buf = io.BytesIO()
-    torch.save(attack.state(), buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    gen = create_generator(ckpt["generator_arch"], 1, 28, num_classes=ckpt["num_classes"])
-    gen.load_state_dict(ckpt["state_dict"])
+    gen = reload_generator(attack.state(), 1, 28)
     assert torch.equal(poison_images(gen, x, 0.3, labels=y), stored)
 
 

@@ -202,10 +202,9 @@ def test_references_need_the_adversarial_term():
 
 def test_class_conditional_multilabel_generator_poisons_by_label_vector_and_round_trips():
     # the multi-label benchmark's path: multi-hot labels through fit, poison and a checkpoint
-    import io
+    from conftest import reload_generator
 
     from poison.attacks.deepconfuse import poison_images
-    from poison.models import create_generator
 
     x, _ = _data()
     y = (torch.rand(48, 4, generator=torch.Generator().manual_seed(1)) < 0.4).long()
@@ -216,12 +215,7 @@ def test_class_conditional_multilabel_generator_poisons_by_label_vector_and_roun
     one = x[:1].expand(2, -1, -1, -1).contiguous()
     pair = dc.poison(one, labels=torch.tensor([[1, 0, 0, 0], [1, 0, 1, 0]]))
     assert not torch.equal(pair[0], pair[1])  # another label set, another poison
-    buf = io.BytesIO()
-    torch.save(dc.state(), buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    gen = create_generator(ckpt["generator_arch"], 1, 16, num_classes=ckpt["num_classes"])
-    gen.load_state_dict(ckpt["state_dict"])
+    gen = reload_generator(dc.state(), 1, 16)
     assert torch.equal(poison_images(gen, x, 0.3, labels=y), stored)
     with pytest.raises(ConfigError, match=r"labels: 47 labels for 48 images"):
         poison_images(gen, x, 0.3, labels=y[:47])
