@@ -1,7 +1,10 @@
 """Time one DeepConfuse unrolled generator step and one victim step on random data.
 
 Usage: python benchmarks/step_time.py [--generator unet16] [--objective unroll|align] [--threads 2] [--batch 64]
-       [--precision float32|bfloat16]
+       [--precision float32|bfloat16] [--victims K]
+
+With ``--victims K`` the generator step unrolls K surrogate victims on one shared perturbation
+(``train_generator.victims``) and the victim step times all K victims' updates.
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
                         help="train_generator.precision: autocast of both steps")
+    parser.add_argument("--victims", type=int, default=1, help="train_generator.victims: surrogate victims per step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attack = DeepConfuse(DeepConfuseConfig(generator=args.generator, surrogate=args.surrogate, generator_lr=1e-3,
-                                           objective=args.objective, precision=args.precision),
+                                           objective=args.objective, precision=args.precision,
+                                           victims=args.victims),
                          1, 28, 10, seed=0, device=device)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 1, 28, 28, generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
-    victim = attack._victim(0, "timing").train()
+    victims = [attack._victim(0, f"timing-{j}").train() for j in range(args.victims)]
     g = copy.deepcopy(attack.generator).train()
     opt = torch.optim.Adam(g.parameters(), 1e-3)
 
@@ -45,12 +50,12 @@ def main() -> None:
 
     for _ in range(3):
         with attack._autocast():
-            attack._unrolled_generator_step(victim, g, opt, x, y)
+            attack._unrolled_generator_step(victims, g, opt, x, y)
     sync()
     t = time.perf_counter()
     for _ in range(args.repeats):
         with attack._autocast():
-            attack._unrolled_generator_step(victim, g, opt, x, y)
+            attack._unrolled_generator_step(victims, g, opt, x, y)
     sync()
     gen_ms = (time.perf_counter() - t) / args.repeats * 1000
     t = time.perf_counter()
@@ -58,12 +63,15 @@ def main() -> None:
         with attack._autocast():
             with torch.no_grad():
                 x_p = perturb(g, x, 0.3, True, y)
-            loss = F.cross_entropy(victim(x_p), y)
-        victim.zero_grad()
-        loss.backward()
+        for victim in victims:
+            with attack._autocast():
+                loss = F.cross_entropy(victim(x_p), y)
+            victim.zero_grad()
+            loss.backward()
     sync()
     victim_ms = (time.perf_counter() - t) / args.repeats * 1000
-    print(f"{args.generator} on {device} ({args.threads} threads, {args.precision}), batch {args.batch}: "
+    print(f"{args.generator} on {device} ({args.threads} threads, {args.precision}, {args.victims} victim(s)), "
+          f"batch {args.batch}: "
           f"{args.objective} generator step {gen_ms:.1f} ms, victim step {victim_ms:.1f} ms")
 
 

@@ -225,7 +225,7 @@ def test_generator_step_lowers_the_unrolled_objective(target, seed):
     opt = torch.optim.Adam(g_train.parameters(), lr=cfg.generator_lr)
 
     before, ce_before = _outer_objective(attack, victim, g_train, x, y)
-    returned = [attack._unrolled_generator_step(victim, g_train, opt, x, y) for _ in range(5)]
+    returned = [attack._unrolled_generator_step([victim], g_train, opt, x, y) for _ in range(5)]
     after, ce_after = _outer_objective(attack, victim, g_train, x, y)
 
     assert returned[0] == pytest.approx(before, abs=1e-5)  # the step reports the objective it descends
@@ -408,7 +408,7 @@ def test_align_objective_is_one_minus_gradient_cosine_and_descends(seed):
     opt = torch.optim.Adam(g_train.parameters(), lr=cfg.generator_lr)
 
     cos_before = _cosine_by_hand(victim, g_train, x, y, cfg, push)
-    returned = [attack._unrolled_generator_step(victim, g_train, opt, x, y) for _ in range(5)]
+    returned = [attack._unrolled_generator_step([victim], g_train, opt, x, y) for _ in range(5)]
     cos_after = _cosine_by_hand(victim, g_train, x, y, cfg, push)
 
     # BatchNorm running statistics of the generator move in train mode: compare the first
@@ -485,3 +485,53 @@ def test_precision_rejects_other_dtypes_naming_the_key():
         from_dict(DeepConfuseConfig, {"precision": "float16"}, "train_generator")
     with pytest.raises(ConfigError, match="precision: expected float32 or bfloat16, got 'float16'"):
         DeepConfuseConfig(precision="float16")
+
+
+def test_several_victims_step_descends_the_mean_of_their_objectives():
+    # victims: K > 1 asks one shared perturbation to poison K differently initialised victims:
+    # the generator's loss is the mean of the K single-victim objectives
+    cfg = _tiny_config(victims=2, generator_lr=1e-2, unroll_lr=0.1)
+    attack = DeepConfuse(cfg, 1, 28, 10, seed=0)
+    x = torch.rand(32, 1, 28, 28, generator=_gen(0))
+    y = torch.randint(0, 10, (32,), generator=_gen(100))
+    victims = [attack._victim(0, "surrogate").train(), attack._victim(0, "surrogate-1").train()]
+    assert not torch.equal(next(victims[0].parameters()), next(victims[1].parameters()))
+    g_train = copy.deepcopy(attack.generator).train()
+    opt = torch.optim.Adam(g_train.parameters(), lr=cfg.generator_lr)
+    singles = [_outer_objective(attack, v, g_train, x, y)[0] for v in victims]
+    assert singles[0] != pytest.approx(singles[1], abs=1e-4)  # two victims, two different objectives
+    returned = [attack._unrolled_generator_step(victims, g_train, opt, x, y) for _ in range(5)]
+    assert returned[0] == pytest.approx(sum(singles) / 2, abs=1e-5)
+    after = [_outer_objective(attack, v, g_train, x, y)[0] for v in victims]
+    assert sum(after) < sum(singles) - 1e-4
+
+
+def test_several_victims_are_built_and_trained_each_trial(monkeypatch):
+    cfg = _tiny_config(trials=3, victims=3, select_every=3)
+    attack = DeepConfuse(cfg, 1, 28, 10, seed=0)
+    built, stepped = [], []
+    real = attack._victim
+
+    def spy(trial, purpose):
+        model = real(trial, purpose)
+        if purpose.startswith("surrogate"):
+            built.append((trial, purpose))
+            before = copy.deepcopy(model.state_dict())
+            stepped.append((model, before))
+        return model
+
+    monkeypatch.setattr(attack, "_victim", spy)
+    x = (torch.rand(32, 1, 28, 28, generator=_gen(0)) * 255).to(torch.uint8)
+    y = torch.arange(32) % 10
+    attack.fit(x, y, x[:16], y[:16])
+    # victim 0 keeps the single-victim seed stream (victims: 1 is the authors' procedure)
+    assert built == [(t, p) for t in range(3) for p in ("surrogate", "surrogate-1", "surrogate-2")]
+    for model, before in stepped:  # every victim took its own SGD steps on the poison
+        assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_victims_must_be_a_positive_integer():
+    from poison.config import from_dict
+
+    with pytest.raises(ConfigError, match="victims"):
+        from_dict(DeepConfuseConfig, {"victims": 0}, "train_generator")

@@ -35,6 +35,10 @@ each a keyword of ``DeepConfuseConfig``:
   gradient and the target objective's gradient on clean data (see ``align_objective``)
   instead of the authors' one-step unrolled loss.
 - ``victim_reset_every=N``: re-initialise the surrogate victim every N trials, not every trial.
+- ``victims=K`` [adapt]: K surrogate victims (own initialisations, each with its own optimizer,
+  all trained on the same poison batches); the generator descends the mean of their K
+  objectives on one shared perturbation, so it follows what poisons victims in general
+  rather than one victim's trajectory. K = 1 is the authors' single victim, bit for bit.
 - ``precision="bfloat16"``: run the unrolled generator step and the victim step under bfloat16
   autocast (faster on CPUs with bf16 instructions and on GPUs); the validation victim that picks
   the kept generator, and every poison stored, stay float32.
@@ -109,6 +113,7 @@ class DeepConfuseConfig:
     trials: int = 10
     victim_epochs: int = 1
     victim_reset_every: int = 1
+    victims: int = 1                       # surrogate victims per step (own init, batch-shared); the generator's loss is their mean
     batch_size: int = 64
     victim_optimizer: Literal["sgd", "adam"] = "sgd"
     victim_lr: float = 0.01
@@ -132,7 +137,7 @@ class DeepConfuseConfig:
             raise ConfigError(f"surrogate: unknown classifier {self.surrogate!r}; known: {', '.join(sorted(CLASSIFIERS))}")
         if not 0 < self.eps <= 1:
             raise ConfigError(f"eps: expected 0 < eps <= 1 (L-inf on images in [0, 1]), got {self.eps}")
-        for key in ("trials", "victim_epochs", "victim_reset_every", "batch_size", "select_every", "references"):
+        for key in ("trials", "victim_epochs", "victim_reset_every", "victims", "batch_size", "select_every", "references"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
         if self.target == "untargeted" and self.target_map is not None:
@@ -274,14 +279,20 @@ class DeepConfuse:
         return build_model(self.config.surrogate, c, s, k, derive_seed(self.seed, purpose, trial), self.device,
                            key="surrogate")
 
-    def _unrolled_generator_step(self, victim: nn.Module, g_train: nn.Module, opt_g: torch.optim.Optimizer,
+    def _unrolled_generator_step(self, victims: list[nn.Module], g_train: nn.Module, opt_g: torch.optim.Optimizer,
                                  x: torch.Tensor, y: torch.Tensor) -> float:
         cfg = self.config
-        params = {k: p.detach().requires_grad_(True) for k, p in victim.named_parameters()}
-        # Copies: the generator's passes must not move the victim's BatchNorm statistics.
-        buffers = {k: b.clone() for k, b in victim.named_buffers()}
         x_p = perturb(g_train, x, cfg.eps, cfg.quantize, y)
-        outer = OBJECTIVES[cfg.objective](victim, params, buffers, x, x_p, y, self.target.generator_loss, cfg.unroll_lr)
+        terms = []
+        for victim in victims:
+            # [adapt] several victims (own initialisations, one shared perturbation): the mean of their
+            # objectives, so the generator follows what poisons victims in general, not one trajectory.
+            params = {k: p.detach().requires_grad_(True) for k, p in victim.named_parameters()}
+            # Copies: the generator's passes must not move the victim's BatchNorm statistics.
+            buffers = {k: b.clone() for k, b in victim.named_buffers()}
+            terms.append(OBJECTIVES[cfg.objective](victim, params, buffers, x, x_p, y, self.target.generator_loss,
+                                                   cfg.unroll_lr))
+        outer = terms[0] if len(terms) == 1 else torch.stack(terms).mean()
         if self._references:
             # [adapt] Targeted-adversarial term against clean-trained reference models:
             # poison of class y should carry features of class t(y) (Fowl et al., 2021).
@@ -381,11 +392,12 @@ class DeepConfuse:
             if trial % cfg.victim_reset_every == 0:
                 # The authors start a fresh victim every trial; keeping one for several trials
                 # also shows the generator victims trained as long as many-epoch downstream recipes.
-                victim = self._victim(trial, "surrogate").train()
-                if cfg.victim_optimizer == "adam":
-                    opt_v: torch.optim.Optimizer = torch.optim.Adam(victim.parameters(), lr=cfg.victim_lr)
-                else:
-                    opt_v = torch.optim.SGD(victim.parameters(), lr=cfg.victim_lr)
+                # Victim 0 keeps the single-victim seed stream, so victims: 1 is the authors' procedure.
+                victims = [self._victim(trial, "surrogate" if j == 0 else f"surrogate-{j}").train()
+                           for j in range(cfg.victims)]
+                opts_v: list[torch.optim.Optimizer] = [
+                    torch.optim.Adam(v.parameters(), lr=cfg.victim_lr) if cfg.victim_optimizer == "adam"
+                    else torch.optim.SGD(v.parameters(), lr=cfg.victim_lr) for v in victims]
             if cfg.generator_lr_schedule == "cosine":
                 # Decay over trials so the generator settles instead of oscillating late.
                 for group in opt_g.param_groups:
@@ -396,16 +408,18 @@ class DeepConfuse:
                     idx = order[b : b + cfg.batch_size]
                     x, y = x_all[idx], y_all[idx]
                     with self._autocast():
-                        self._unrolled_generator_step(victim, g_train, opt_g, x, y)
+                        self._unrolled_generator_step(victims, g_train, opt_g, x, y)
                     if g_ema is not None:
                         _ema_update(g_ema, g_train, cfg.generator_ema)
                     with self._autocast():
                         with torch.no_grad():
                             x_p = perturb(g_frozen, x, cfg.eps, cfg.quantize, y)
-                        loss = victim_loss(victim(x_p), y)
-                    opt_v.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt_v.step()
+                    for victim, opt_v in zip(victims, opts_v):
+                        with self._autocast():
+                            loss = victim_loss(victim(x_p), y)
+                        opt_v.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt_v.step()
                     step += 1
             g_frozen.load_state_dict((g_train if g_ema is None else g_ema).state_dict())
             g_frozen.eval()
