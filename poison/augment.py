@@ -11,22 +11,30 @@ Two products, both stored as shards of kind ``semantic`` (one dataset, two split
   ``share * n_max``; the attacked model is one trained on the long-tailed subset.
 
 Every sample's json records the attribute values and the image-space budget used.
+``augment(params)`` is the pipeline stage that writes both (``poison.stages.STAGES``).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from poison.attacks.semantic import SIAConfig, diagnose, sia
 from poison.errors import ConfigError
-from poison.train import TrainConfig, build_model, to_float, train_classifier
-from poison.utils import derive_seed, make_generator
+from poison.shards import SplitSamples, load_split, manifest_sha256, read_manifest, sample_key, write_dataset
+from poison.train import TrainConfig, build_model, predict, to_float, train_classifier
+from poison.utils import atomic_write_json, derive_seed, make_generator, resolve_device, torch_threads
+from poison.variants import report_dir
 
-__all__ = ["AugmentConfig", "TailConfig", "long_tail_indices", "attack_dataset", "tail_plan", "train_victim",
+if TYPE_CHECKING:
+    from poison.config import Params
+
+__all__ = ["AugmentConfig", "TailConfig", "augment", "long_tail_indices", "attack_dataset", "tail_plan", "train_victim",
            "diagnosis_png"]
 
 
@@ -194,3 +202,110 @@ def diagnosis_png(diag: dict[str, Any], classes: list[str], path: Any, title: st
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------ the stage
+def _augment_adversarial(params: Params, cfg: Any, x: torch.Tensor, y: torch.Tensor, x_te: torch.Tensor,
+                         y_te: torch.Tensor, k: int, recipe: Any, device: torch.device) -> tuple[Any, ...]:
+    """(a) of the augment stage: SIA examples of the training split against a clean-trained victim,
+    the single-attribute diagnosis and the test-split attack: (adv, single-attribute rates, diagnosis,
+    test_adv, the victim's clean test accuracy)."""
+    with torch_threads(cfg.threads):
+        victim = train_victim(x, y, cfg.victim, recipe, params.seed, k, device, "augment-victim")
+        adv = attack_dataset(victim, x, y, cfg, k, make_generator(params.seed, "augment-sia"), device)
+        # single-attribute rates on a seeded random subset (the split is ordered by class)
+        sub = torch.randperm(x.shape[0], generator=make_generator(params.seed, "augment-diagnosis"))
+        sub = torch.sort(sub[: min(cfg.diagnosis_samples, x.shape[0])]).values
+        single = single_attribute_rates(victim, x[sub], y[sub], cfg, k, params.seed, device)
+        diag = diagnosis(adv, y, cfg, k, single) | {"single_attribute_samples": int(sub.numel())}
+        test_adv = attack_dataset(victim, x_te, y_te, cfg, k, make_generator(params.seed, "augment-sia-test"), device)
+        clean_acc = float((predict(victim, x_te).argmax(1) == y_te).float().mean())
+    return adv, single, diag, test_adv, clean_acc
+
+
+def augment(params: Params) -> dict[str, Any]:
+    """SIA-augmented shards (kind ``semantic``): adversarial training examples and a filled long tail.
+
+    Also writes the attack's diagnosis (attribute histogram JSON and PNG) and a summary.
+    """
+    from poison.config import to_dict  # poison.config imports this module
+
+    cfg = params.augment
+    clean = read_manifest(params.paths.clean)
+    classes = clean["classes"]
+    k = len(classes)
+    cfg.attack.check_channels(clean["image"]["channels"], "augment.attack.attributes")
+    x, y, meta = load_split(params.paths.clean, "train")
+    x_te, y_te, _ = load_split(params.paths.clean, "test")
+    clean_sha = manifest_sha256(params.paths.clean)
+    recipe = params.evaluate.recipe
+    device = resolve_device(params.device)
+
+    def long_tail() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        # (b) a long-tailed training split, its tail filled with SIA variants against a model trained on it
+        with torch_threads(cfg.threads):
+            lt = long_tail_indices(y, k, cfg.tail.imbalance_ratio, make_generator(params.seed, "augment-longtail"))
+            lt_model = train_victim(x[lt], y[lt], cfg.victim, recipe, params.seed, k, device, "augment-longtail-model")
+            src = lt[torch.tensor(tail_plan(y[lt], k, cfg.tail.share), dtype=torch.long)]
+            return lt, src, attack_dataset(lt_model, x[src], y[src], cfg, k,
+                                           make_generator(params.seed, "augment-tail"), device)
+
+    # (b) shares nothing with (a) but the inputs (own seeds, own models, fixed torch threads),
+    # so it runs beside it on a second worker with the same bytes as one after the other
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="augment-longtail") \
+        if params.orchestration.workers > 1 else None
+    tail_job = pool.submit(long_tail) if pool is not None else None
+    try:
+        adv, single, diag, test_adv, clean_acc = _augment_adversarial(params, cfg, x, y, x_te, y_te, k, recipe, device)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    lt, src, tail = tail_job.result() if tail_job is not None else long_tail()
+
+    names = cfg.attack.attributes
+
+    def record(i: int, split: str, r: dict[str, torch.Tensor] | None, j: int, source_key: str) -> dict[str, Any]:
+        rec = {"kind": "semantic", "split": split, "source": clean["dataset"], "source_index": meta[i]["source_index"],
+               "source_key": source_key, "label": int(y[i]), "true_label": int(y[i]), "augmented": r is not None}
+        if r is not None:
+            rec.update(method="sia", attributes={n: float(v) for n, v in zip(names, r["attributes"][j].tolist())},
+                       image_linf=float(r["image_linf"][j]), eps=cfg.attack.eps, success=bool(r["success"][j]),
+                       steps=int(r["steps"][j]),
+                       target_label=int((y[i] + cfg.target_shift) % k) if cfg.targeted else None)
+        return rec
+
+    adv_meta = [record(i, "adversarial", adv, i, sample_key("train", i)) for i in range(x.shape[0])]
+    lt_list, src_list = lt.tolist(), src.tolist()
+    tail_meta = ([record(i, "longtail", None, 0, sample_key("train", i)) for i in lt_list]
+                 + [record(i, "longtail", tail, j, sample_key("train", i)) for j, i in enumerate(src_list)])
+    tail_images = torch.cat([x[lt], tail["images"]])
+    tail_labels = torch.cat([y[lt], y[src]])
+    name = Path(params.paths.augmented).name
+    manifest = write_dataset(
+        params.paths.augmented,
+        {"adversarial": SplitSamples(adv["images"], y, adv_meta), "longtail": SplitSamples(tail_images, tail_labels, tail_meta)},
+        dataset=name, kind="semantic", classes=classes, seed=params.seed, method="sia", config=to_dict(cfg),
+        budget={"norm": "linf", "eps": cfg.attack.eps, "attributes": dict(zip(names, cfg.attack.half_ranges())),
+                "max_image_linf_used": float(adv["image_linf"].max()) if adv["image_linf"].numel() else 0.0},
+        source={"dataset": clean["dataset"], "path": params.paths.clean, "manifest_sha256": clean_sha},
+        shard_size=cfg.shard_size,
+    )
+    reports = report_dir(params, "augment")
+    lt_counts = torch.bincount(y[lt], minlength=k).tolist()
+    summary = {
+        "victim": cfg.victim, "victim_clean_test_accuracy": clean_acc,
+        "adversarial_success_rate_train": float(adv["success"].float().mean()),
+        "adversarial_success_rate_test": float(test_adv["success"].float().mean()),
+        "victim_accuracy_under_sia_test": float((~test_adv["success"]).float().mean()) if not cfg.targeted else None,
+        "single_attribute_success_rate": single,
+        "longtail": {"imbalance_ratio": cfg.tail.imbalance_ratio, "class_counts": lt_counts,
+                     "variants": len(src_list), "variant_success_rate": float(tail["success"].float().mean())
+                     if len(src_list) else None},
+        "samples": {s: v["samples"] for s, v in manifest["splits"].items()},
+    }
+    atomic_write_json(reports / "summary.json", summary)
+    atomic_write_json(reports / "diagnosis.json", diag)
+    diagnosis_png(diag, classes, reports / "diagnosis.png",
+                  f"SIA against {cfg.victim} (clean-trained): {diag['successes']}/{diag['samples']} successes")
+    return {"path": params.paths.augmented, "samples": summary["samples"],
+            "success_rate_test": summary["adversarial_success_rate_test"], "victim_clean_test_accuracy": clean_acc}

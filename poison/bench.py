@@ -35,7 +35,8 @@ from typing import Any, Callable
 import torch
 
 from poison import stages
-from poison.attacks.deepconfuse import DeepConfuseConfig, poison_images
+from poison.attacks.deepconfuse_config import DeepConfuseConfig
+from poison.attacks.perturbation import poison_images
 from poison.config import Params, PathsConfig, from_dict, to_dict
 from poison.diagnostics import noise_only_accuracy, perturbations, probe_accuracy, uniform_noise
 from poison.errors import ConfigError

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from poison.attacks.deepconfuse import DeepConfuseConfig
+from poison.attacks.deepconfuse_config import DeepConfuseConfig
 from poison.augment import AugmentConfig
 from poison.data import SOURCES
 from poison.errors import ConfigError

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poison.attacks.deepconfuse import budget_levels
+from poison.attacks.perturbation import budget_levels
 from poison.train import predict
 from poison.utils import GLOBAL_RNG_LOCK
 

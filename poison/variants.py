@@ -33,7 +33,9 @@ from typing import Any, Callable
 
 import torch
 
-from poison.attacks.deepconfuse import DeepConfuse, DeepConfuseConfig, budget_levels
+from poison.attacks.deepconfuse import DeepConfuse
+from poison.attacks.deepconfuse_config import DeepConfuseConfig
+from poison.attacks.perturbation import budget_levels
 from poison.errors import ConfigError, ShardError
 from poison.evaluate import fit_classifier, multilabel_metrics
 from poison.shards import SplitSamples, load_split, manifest_sha256, read_manifest, sample_key, write_dataset

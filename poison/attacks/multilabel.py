@@ -5,8 +5,9 @@ ALGORITHMS.md section 3. A multi-label model returns logits z (N, L); f = sigmoi
 label l is predicted iff f_l > 0.5 (z_l > 0). Label vectors are {0, 1} (float or bool)
 (N, L) here; y* = 2 t - 1 in {-1, +1} inside the losses, as in the paper.
 
-Target strategies (``make_targets``): random (flip one positive and one negative), extreme
-(flip all), reduction (remove one label), augmentation (add one label).
+Target strategies (``make_targets``, ``poison.attacks.multilabel_targets``): random (flip one
+positive and one negative), extreme (flip all), reduction (remove one label), augmentation
+(add one label).
 
 Attacks (``attack``, dispatched by name; the CW-style ones only differ by the loss they
 pass to ``poison.attacks.cw.cw_search``):
@@ -68,6 +69,7 @@ import torch
 from torch import nn
 
 from poison.attacks.cw import CWConfig, CWResult, Loss, Success, cw_search, norms
+from poison.attacks.multilabel_targets import LABELLED, STRATEGIES, as_bool, make_targets
 from poison.errors import ConfigError
 from poison.utils import frozen
 
@@ -75,99 +77,10 @@ __all__ = ["STRATEGIES", "SPACES", "METHODS", "MultiLabelAttackConfig", "MultiLa
            "rank_success", "ml_cw_loss", "rank_i_loss", "rank_ii_loss", "ml_dp", "attack", "attack_metrics"]
 
 
-def _as_bool(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.bool else t > 0.5
-
-
-# ------------------------------------------------------------------- targets
-def _random_pick(mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """One-hot (N, L) of a uniformly random True entry of each row of ``mask`` (garbage where none)."""
-    idx = torch.where(mask, keys, -1.0).argmax(1)
-    return torch.nn.functional.one_hot(idx, mask.shape[1]).bool()
-
-
-def _keys(pos: torch.Tensor, generator: torch.Generator | None, strategy: str) -> torch.Tensor:
-    if not isinstance(generator, torch.Generator):
-        raise ConfigError(f"generator: expected a torch.Generator for strategy {strategy!r}, got {generator!r}")
-    return torch.rand(pos.shape, generator=generator, device=generator.device).to(pos.device)
-
-
-def _random(pos: torch.Tensor, generator: torch.Generator | None, label: int | None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    keys = _keys(pos, generator, "random")
-    # the same iid keys choose within two disjoint sets: the two choices are independent
-    flip = _random_pick(pos, keys) | _random_pick(~pos, keys)
-    return pos ^ flip, pos.any(1) & (~pos).any(1)
-
-
-def _extreme(pos: torch.Tensor, generator: torch.Generator | None, label: int | None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    return ~pos, torch.ones(pos.shape[0], dtype=torch.bool, device=pos.device)
-
-
-def _one_flip(side: torch.Tensor, generator: torch.Generator | None, label: int | None, strategy: str
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip one entry of ``side`` (the labels that may flip) per row: ``label`` or a random one."""
-    if label is None:
-        return _random_pick(side, _keys(side, generator, strategy)), side.any(1)
-    flip = torch.zeros_like(side)
-    flip[:, label] = True
-    return flip, side[:, label]
-
-
-def _reduction(pos: torch.Tensor, generator: torch.Generator | None, label: int | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    flip, valid = _one_flip(pos, generator, label, "reduction")
-    return pos & ~flip, valid
-
-
-def _augmentation(pos: torch.Tensor, generator: torch.Generator | None, label: int | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    flip, valid = _one_flip(~pos, generator, label, "augmentation")
-    return pos | flip, valid
-
-
-#: strategy(positives (N, L) bool, generator, label) -> (targets (N, L) bool, valid (N,) bool)
-STRATEGIES: dict[str, Callable[[torch.Tensor, torch.Generator | None, int | None],
-                               tuple[torch.Tensor, torch.Tensor]]] = {
-    "random": _random, "extreme": _extreme, "reduction": _reduction, "augmentation": _augmentation,
-}
-_LABELLED = ("reduction", "augmentation")
-
-
-def make_targets(labels: torch.Tensor, strategy: str, generator: torch.Generator | None,
-                 label: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (targets (N, L) float {0, 1}, valid (N,) bool) for ``strategy`` applied to ``labels``.
-
-    Shape:
-        labels: (N, L) {0, 1}, float or bool.
-
-    random: flip one random positive to 0 and one random negative to 1 (valid iff the row has
-    both); extreme: flip every label (always valid); reduction: set ``label`` (or a random
-    positive) to 0, valid iff it was 1; augmentation: set ``label`` (or a random negative)
-    to 1, valid iff it was 0. Invalid rows keep targets = labels. ``label`` is only
-    accepted by reduction and augmentation. Random choices draw N * L uniforms from
-    ``generator`` (None is accepted where nothing is drawn).
-    """
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    if labels.dim() != 2:
-        raise ValueError(f"labels: expected shape (N, L), got {tuple(labels.shape)}")
-    if label is not None:
-        if strategy not in _LABELLED:
-            raise ConfigError(f"label: only used by {' and '.join(_LABELLED)}, got {label} with strategy {strategy!r}")
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < labels.shape[1]:
-            raise ConfigError(f"label: expected an int in [0, {labels.shape[1]}), got {label!r}")
-    pos = _as_bool(labels)
-    targets, valid = STRATEGIES[strategy](pos, generator, label)
-    targets = torch.where(valid[:, None], targets, pos)
-    return targets.float(), valid
-
-
 # ------------------------------------------------------------------- success
 def exact_match(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(N,) bool: every label's prediction (z > 0) equals the target. logits, targets: (N, L)."""
-    return ((logits > 0) == _as_bool(targets).to(logits.device)).all(1)
+    return ((logits > 0) == as_bool(targets).to(logits.device)).all(1)
 
 
 def _sides(scores: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, threshold: float
@@ -181,7 +94,7 @@ def _sides(scores: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, threshold: 
 
 def _removed_kept(targets: torch.Tensor, labels: torch.Tensor, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    t, y = _as_bool(targets).to(device), _as_bool(labels).to(device)
+    t, y = as_bool(targets).to(device), as_bool(labels).to(device)
     return y & ~t, ~y & ~t
 
 
@@ -193,7 +106,7 @@ def rank_success(logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tens
     (labels 1, targets 0) below every kept negative (labels 0, targets 0), or below z = 0
     where no kept negative exists; no removed label: nothing more to hold.
     """
-    t = _as_bool(targets).to(logits.device)
+    t = as_bool(targets).to(logits.device)
     pos_min, neg_max = _sides(logits, t, ~t, 0.0)
     ok = neg_max < pos_min
     if labels is not None:
@@ -226,7 +139,7 @@ def ml_cw_loss(targets: torch.Tensor, kappa: float = 0.0, space: str = "probabil
     _check_space(space)  # now, not at the first call
 
     def loss(logits: torch.Tensor) -> torch.Tensor:
-        y = _as_bool(targets).to(logits.device, logits.dtype) * 2 - 1
+        y = as_bool(targets).to(logits.device, logits.dtype) * 2 - 1
         scores, threshold = _scores(logits, space)
         return torch.relu(-y * (scores - threshold) + kappa).sum(1)
     return loss
@@ -247,7 +160,7 @@ def rank_i_loss(targets: torch.Tensor, kappa: float = 0.0, space: str = "probabi
 
     def loss(logits: torch.Tensor) -> torch.Tensor:
         scores, threshold = _scores(logits, space)
-        return _rank_i(scores, _as_bool(targets).to(logits.device), kappa, threshold)
+        return _rank_i(scores, as_bool(targets).to(logits.device), kappa, threshold)
     return loss
 
 
@@ -265,7 +178,7 @@ def rank_ii_loss(targets: torch.Tensor, labels: torch.Tensor, kappa: float = 0.0
         kept_min, removed_max = _sides(f, kept, removed, threshold)
         # where (not a product) keeps the +-inf of an empty side out of the gradient
         extra = torch.where(removed.any(1), torch.relu(removed_max - kept_min + kappa), torch.zeros_like(kept_min))
-        return _rank_i(f, _as_bool(targets).to(logits.device), kappa, threshold) + extra
+        return _rank_i(f, as_bool(targets).to(logits.device), kappa, threshold) + extra
     return loss
 
 
@@ -299,8 +212,8 @@ class MultiLabelAttackConfig:
         if self.label is not None:
             if isinstance(self.label, bool) or not isinstance(self.label, int) or self.label < 0:
                 raise ConfigError(f"label: expected None or an int >= 0, got {self.label!r}")
-            if self.strategy not in _LABELLED:
-                raise ConfigError(f"label: only used by {' and '.join(_LABELLED)}, got {self.label} "
+            if self.strategy not in LABELLED:
+                raise ConfigError(f"label: only used by {' and '.join(LABELLED)}, got {self.label} "
                                   f"with strategy {self.strategy!r} (set label: null)")
         for key in ("iterations", "binary_steps", "max_iterations"):
             v = getattr(self, key)
@@ -379,7 +292,7 @@ def ml_dp(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: MultiLa
     Deterministic.
     """
     x = x.detach()
-    t = _as_bool(targets).to(x.device)
+    t = as_bool(targets).to(x.device)
     r_total = torch.zeros_like(x)
     adv = x.clone()
     free = torch.ones_like(x, dtype=torch.bool)
@@ -452,7 +365,7 @@ def attack(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: tor
             raise ValueError(f"{key}: expected shape (N, L) with N = {n} (the images), got {tuple(v.shape)}")
     if labels.shape != targets.shape:
         raise ValueError(f"targets: expected the shape of labels {tuple(labels.shape)}, got {tuple(targets.shape)}")
-    labels, targets = _as_bool(labels).to(x.device), _as_bool(targets).to(x.device)
+    labels, targets = as_bool(labels).to(x.device), as_bool(targets).to(x.device)
     res = METHODS[cfg.method](model, x, labels, targets, cfg)
     was_training = model.training
     model.eval()

@@ -21,7 +21,7 @@ from torch.func import functional_call
 from poison.errors import ConfigError
 
 if TYPE_CHECKING:
-    from poison.attacks.deepconfuse import DeepConfuseConfig
+    from poison.attacks.deepconfuse_config import DeepConfuseConfig
 
 __all__ = ["Target", "victim_loss", "unroll_objective", "align_objective", "OBJECTIVES", "GeneratorLoss"]
 
