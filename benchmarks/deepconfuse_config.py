@@ -64,12 +64,13 @@ def main() -> None:
     attack = DeepConfuse(cfg, 1, 28, 10, seed=args.seed)
     start = time.perf_counter()
     attack.fit(tr.images, tr.labels, va.images, va.labels,
-               on_trial=lambda r: print(f"trial {r.trial} steps {r.steps} {r.seconds:.1f}s "
+               on_trial=lambda r: print(f"{f'restart {r.restart} ' if cfg.restarts > 1 else ''}trial {r.trial} steps {r.steps} {r.seconds:.1f}s "
                                         f"val_acc {r.val_accuracy} target_rate {r.val_target_rate}", flush=True))
     fit_seconds = time.perf_counter() - start
     poisoned = attack.poison(tr.images, labels=tr.labels)
     target_map = attack.target.target_map
     results: dict = {"config": overrides, "scored_on": args.split, "fit_seconds": round(fit_seconds, 1), "best_trial": attack.best_trial,
+                     "best_restart": attack.best_restart,
                      "max_levels": int((poisoned.int() - tr.images.int()).abs().max())}
     for name, recipe in RECIPES.items():
         runs = []

@@ -16,13 +16,15 @@ from poison.config import Params
 @task(name="train-deepconfuse-generator", cache_policy=NO_CACHE)
 def train(params: Params) -> dict[str, Any]:
     logger = get_run_logger()
-    total = params.train_generator.trials
+    trials, restarts = params.train_generator.trials, params.train_generator.restarts
     progress = create_progress_artifact(progress=0.0, description="DeepConfuse trials")
 
     def on_trial(record) -> None:
-        update_progress_artifact(progress, progress=100.0 * (record.trial + 1) / total)
-        logger.info("trial %d/%d: clean val accuracy %s, target rate %s, %.1fs",
-                    record.trial + 1, total, record.val_accuracy, record.val_target_rate, record.seconds)
+        done = record.restart * trials + record.trial + 1
+        update_progress_artifact(progress, progress=100.0 * done / (trials * restarts))
+        run = f" (run {record.restart + 1}/{restarts})" if restarts > 1 else ""
+        logger.info("trial %d/%d%s: clean val accuracy %s, target rate %s, %.1fs", record.trial + 1, trials, run,
+                    record.val_accuracy, record.val_target_rate, record.seconds)
 
     return stages.train_generator(params, on_trial=on_trial)
 

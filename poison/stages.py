@@ -21,14 +21,14 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from poison.attacks.deepconfuse import CHECKPOINT_FORMAT, DeepConfuse, TrialRecord
+from poison.attacks.deepconfuse import CHECKPOINT_FORMAT, TrialRecord
 from poison.attacks.perturbation import budget_levels, poison_images
+from poison.augment import augment
 from poison.config import Params, to_dict
 from poison.data import load_source, stratified_split, subsample_per_class
 from poison.errors import CheckpointError, DataSourceError, PoisonError, ShardError
@@ -36,8 +36,7 @@ from poison.evaluate import save_confusion_png, summarise, train_and_test
 from poison.models import create_generator
 from poison.shards import (SplitSamples, finish_dataset, load_range, load_split, manifest_sha256, open_staging,
                            read_manifest, sample_key, shard_file, write_dataset, write_shard)
-from poison.augment import augment
-from poison.variants import compose, multilabel, report_dir, save_checkpoint, topk
+from poison.variants import compose, fit_generator, multilabel, report_dir, save_checkpoint, topk
 from poison.utils import (atomic_path, atomic_write_json, make_generator, resolve_device, sha256_file,
                           torch_threads)
 
@@ -81,23 +80,14 @@ def train_generator(params: Params, on_trial: Callable[[TrialRecord], None] | No
     """Train the DeepConfuse generator on the clean train split (selected on val); save it."""
     cfg = params.train_generator
     clean = read_manifest(params.paths.clean)
-    x_tr, y_tr, _ = load_split(params.paths.clean, "train")
-    x_va, y_va, _ = load_split(params.paths.clean, "val")
-    device = resolve_device(params.device)
-    attack = DeepConfuse(cfg, x_tr.shape[1], x_tr.shape[-1], len(clean["classes"]), params.seed, device)
-    start = time.perf_counter()
-    curve = attack.fit(x_tr, y_tr, x_va, y_va, on_trial=on_trial)
-    seconds = time.perf_counter() - start
+    attack, summary = fit_generator(cfg, params.paths.clean, params.seed, resolve_device(params.device),
+                                    multi_label=False, on_trial=on_trial)
     save_checkpoint(attack, to_dict(cfg), params.seed,
                     {"dataset": clean["dataset"], "manifest_sha256": manifest_sha256(params.paths.clean)},
                     params.paths.generator)
     reports = report_dir(params, "train_generator")
-    records = [vars(r) for r in curve]
+    records = summary.pop("curve")
     atomic_write_json(reports / "curve.json", records)
-    best = next(r for r in curve if r.trial == attack.best_trial)
-    summary = {"best_trial": attack.best_trial, "trials": cfg.trials, "steps": curve[-1].steps,
-               "best_val_accuracy": best.val_accuracy, "best_val_target_rate": best.val_target_rate,
-               "train_seconds": round(seconds, 1), "device": str(device)}
     atomic_write_json(reports / "summary.json", summary)
     _plot_curve(records, reports / "curve.png")
     return {"checkpoint": params.paths.generator, **summary}
@@ -109,11 +99,16 @@ def _plot_curve(records: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in records if r["val_accuracy"] is not None]
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
-    ax.plot([r["trial"] for r in pts], [r["val_accuracy"] for r in pts], marker="o", label="clean val accuracy")
-    if pts and pts[0]["val_target_rate"] is not None:
-        ax.plot([r["trial"] for r in pts], [r["val_target_rate"] for r in pts], marker="s", label="target rate")
+    restarts = sorted({r.get("restart", 0) for r in records})
+    for restart in restarts:
+        pts = [r for r in records if r["val_accuracy"] is not None and r.get("restart", 0) == restart]
+        run = f" (run {restart})" if len(restarts) > 1 else ""
+        ax.plot([r["trial"] for r in pts], [r["val_accuracy"] for r in pts], marker="o",
+                label="clean val accuracy" + run)
+        if pts and pts[0]["val_target_rate"] is not None:
+            ax.plot([r["trial"] for r in pts], [r["val_target_rate"] for r in pts], marker="s",
+                    label="target rate" + run)
     ax.set_xlabel("trial")
     ax.set_ylim(0, 1)
     ax.set_title("victim trained on the current poison", fontsize=9)

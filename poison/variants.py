@@ -173,9 +173,10 @@ def fit_generator(cfg: DeepConfuseConfig, data_path: str, seed: int, device: tor
                          multi_label=multi_label)
     start = time.perf_counter()
     curve = attack.fit(x_tr, y_tr, x_va, y_va, on_trial=on_trial)
-    best = next(r for r in curve if r.trial == attack.best_trial)
+    best = next(r for r in curve if r.trial == attack.best_trial and r.restart == attack.best_restart)
     summary = {"best_trial": attack.best_trial, "trials": cfg.trials, "steps": curve[-1].steps,
                "best_val_accuracy": best.val_accuracy, "best_val_target_rate": best.val_target_rate,
+               "restarts": cfg.restarts, "best_restart": attack.best_restart,
                "train_seconds": round(time.perf_counter() - start, 1), "device": str(device),
                "curve": [vars(r) for r in curve]}
     return attack, summary

@@ -535,3 +535,44 @@ def test_victims_must_be_a_positive_integer():
 
     with pytest.raises(ConfigError, match="victims"):
         from_dict(DeepConfuseConfig, {"victims": 0}, "train_generator")
+
+
+# ------------------------------------------------------------------ restarts
+def test_restarts_keep_the_run_that_scores_best_on_validation(tiny_data, monkeypatch):
+    from poison.attacks.deepconfuse import restart_seed
+
+    validate = DeepConfuse._validate
+
+    def favour_run_2(self, *args):
+        # the run of restart 2 scores best whatever the tiny data says, so the choice is checked
+        score, acc, rate = validate(self, *args)
+        return (score - 1.0 if self.seed == restart_seed(0, 2) else score), acc, rate
+
+    monkeypatch.setattr(DeepConfuse, "_validate", favour_run_2)
+    seen = []
+    attack = DeepConfuse(_tiny_config(restarts=3), 1, 28, 10, seed=0)
+    curve = attack.fit(*tiny_data, on_trial=seen.append)
+    assert [(r.restart, r.trial) for r in curve] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)] and seen == curve
+    assert attack.best_restart == 2 and attack.state()["best_restart"] == 2
+    assert len({restart_seed(0, r) for r in range(3)}) == 3 and restart_seed(0, 0) == 0
+    # each run is the single run of its seed: run 0 is restarts: 1, the kept one is run 2's generator
+    for r in (0, 2):
+        single = _fit(tiny_data, seed=restart_seed(0, r))
+        assert [x.val_accuracy for x in curve if x.restart == r] == [x.val_accuracy for x in single.curve]
+        if r == 2:
+            assert attack.best_trial == single.best_trial and attack.best_score == single.best_score
+            kept, own = attack.generator.state_dict(), single.generator.state_dict()
+            assert all(torch.equal(kept[k], own[k]) for k in own)
+
+
+def test_one_restart_is_the_plain_run(tiny_data):
+    attack = _fit(tiny_data)
+    assert attack.best_restart == 0 and {r.restart for r in attack.curve} == {0}
+    assert attack.best_score == min(r.val_accuracy for r in attack.curve)
+
+
+def test_restarts_must_be_a_positive_integer():
+    from poison.config import from_dict
+
+    with pytest.raises(ConfigError, match="restarts"):
+        from_dict(DeepConfuseConfig, {"restarts": 0}, "train_generator")

@@ -76,6 +76,22 @@ def test_train_generator_outputs(generator_checkpoint, session_params):
     assert not gen.training and rec["generator_arch"] == "test_autoencoder"
 
 
+def test_train_generator_with_restarts_reports_every_run_and_the_kept_one(clean_dataset, tmp_path):
+    params = tiny_params(tmp_path, train_generator={"restarts": 2})
+    params = dataclasses.replace(params, paths=dataclasses.replace(params.paths, clean=str(clean_dataset)))
+    result = stages.train_generator(params)
+    reports = Path(params.paths.reports) / "train_generator"
+    curve = json.loads((reports / "curve.json").read_text())
+    summary = json.loads((reports / "summary.json").read_text())
+    assert [(r["restart"], r["trial"]) for r in curve] == [(0, 0), (1, 0)]
+    assert summary["restarts"] == 2 and result["best_restart"] == summary["best_restart"]
+    kept = curve[summary["best_restart"]]
+    assert kept["val_accuracy"] == min(r["val_accuracy"] for r in curve) == summary["best_val_accuracy"]
+    ckpt = torch.load(params.paths.generator, weights_only=True)
+    assert ckpt["best_restart"] == summary["best_restart"] and ckpt["config"]["restarts"] == 2
+    assert (reports / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # ------------------------------------------------------------------ poison
 def test_poisoned_shards_within_budget_and_labelled(poisoned_dataset, clean_dataset):
     m = read_manifest(poisoned_dataset)
