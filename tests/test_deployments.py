@@ -80,12 +80,29 @@ def _wait_for(check: Callable[[], Any], timeout: float, what: str, logs: list[Pa
         time.sleep(every)
 
 
+class _Retry503(httpx.HTTPTransport):
+    """Resend a request the server answers 503, as Prefect's own client does.
+
+    `prefect server start` on SQLite answers 503 Service Unavailable while its database is
+    locked by a background service (PrefectHQ/prefect#18934, #10188); it happened once to the
+    served deployment's create_flow_run in CI."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(6):
+            response = super().handle_request(request)
+            if response.status_code != 503 or attempt == 5:
+                return response
+            response.close()
+            time.sleep(0.25 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+
 class Server:
     """A running `prefect server start`: its API URL, a REST client, its log and env for clients."""
 
     def __init__(self, url: str, log: Path, env: dict[str, str]) -> None:
         self.url, self.log, self.env = url, log, env
-        self.http = httpx.Client(base_url=url, timeout=30)
+        self.http = httpx.Client(base_url=url, timeout=30, transport=_Retry503())
 
     def deployment(self, name: str) -> dict[str, Any] | None:
         resp = self.http.get(f"/deployments/name/regenerate/{name}")
@@ -156,6 +173,20 @@ def tiny_repo(tmp_path_factory, dvc_env) -> Path:
         proc = _run(cmd, repo, dvc_env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return repo
+
+
+def test_retry503_resends_until_the_server_answers(monkeypatch):
+    answers = iter([503, 503, 201])
+    sent = []
+
+    def answer(self, request):
+        sent.append(request.read())
+        return httpx.Response(next(answers))
+
+    monkeypatch.setattr(httpx.HTTPTransport, "handle_request", answer)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    resp = httpx.Client(transport=_Retry503()).post("http://127.0.0.1:9/api", json={"a": 1})
+    assert resp.status_code == 201 and sent == [b'{"a":1}'] * 3
 
 
 def test_prefect_yaml_schedules_run_level_parameters_only():
