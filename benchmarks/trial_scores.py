@@ -8,11 +8,26 @@ trial, and trains ``dc_cnn`` from scratch on each trial's stored (uint8) poison 
 from trial to trial, whether training was still improving, and whether the validation victim
 picked well. Scored on the validation split by default: the test split is for reporting.
 
+``--victims V`` scores every trial with V validation victims: victim 0 is the pipeline's own
+(the one that picks the kept trial), victims 1..V-1 have their own initialisations and batch
+orders and the same recipe (``validation``). ``--downstream picks`` then trains the downstream
+models only on the trials that one of two selection rules keeps: victim 0 alone (the pipeline's
+rule) and the mean of the V victims (ties: the earlier trial). Both rules are fixed before any
+downstream figure is read, so scoring them on the test split lets the test split choose nothing;
+with ``--split test`` the same downstream models are also scored on the validation split.
+
+``--select-recipes A B20`` adds a third rule: every trial is also scored by one validation
+victim per named recipe of ``poison.bench.RECIPES`` (issue 3's recipes; own initialisation and
+batch order per recipe, never the downstream seeds), and the rule keeps the trial with the
+lowest mean over those recipes: selection by the recipes the poison is judged by, rather than
+by the pipeline's one 5-epoch validation recipe.
+
 Usage:
     python benchmarks/trial_scores.py '<JSON overrides of train_generator>' [--seed 0] \
-        [--seeds 100 101 102] [--threads 1] [--out benchmarks/results/trial_scores.json]
+        [--seeds 100 101 102] [--threads 1] [--split val] [--victims 1] [--select-recipes A B20] \
+        [--downstream all|picks] [--out benchmarks/results/trial_scores.json]
 
-Appends one run (keyed by configuration and seed) to ``--out``.
+Appends one run (keyed by configuration, seed and split) to ``--out``.
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ from poison.attacks.deepconfuse import DeepConfuse, DeepConfuseConfig, poison_im
 from poison.bench import RECIPES
 from poison.config import from_dict
 from poison.train import build_model, predict, train_classifier
-from poison.utils import derive_seed
+from poison.utils import derive_seed, make_generator
 
 
 def main() -> None:
@@ -40,20 +55,45 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102], help="downstream seeds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--split", choices=["val", "test"], default="val")
+    parser.add_argument("--victims", type=int, default=1, help="validation victims that score each trial")
+    parser.add_argument("--select-recipes", nargs="+", choices=list(RECIPES), default=[],
+                        help="also score every trial with one validation victim per recipe (a third rule)")
+    parser.add_argument("--downstream", choices=["all", "picks"], default="all",
+                        help="train downstream models on every scored trial, or on the trials the rules keep")
     parser.add_argument("--out", default="benchmarks/results/trial_scores.json")
     args = parser.parse_args()
+    if args.victims < 1:
+        raise SystemExit(f"--victims: expected an integer >= 1, got {args.victims}")
     torch.set_num_threads(args.threads)
     overrides = json.loads(args.config)
     cfg = from_dict(DeepConfuseConfig, overrides, "train_generator")
+    if cfg.restarts != 1:
+        raise SystemExit(f"restarts: this script scores one generator run, got {cfg.restarts}; run each seed "
+                         "(--seed S) with restarts: 1 instead (run r of restarts is the run of seed S + r)")
     tr, va, te = default_split()
     scored = va if args.split == "val" else te
     attack = DeepConfuse(cfg, 1, 28, 10, seed=args.seed)
-    kept: dict[int, tuple[dict, float]] = {}
+    kept: dict[int, tuple[dict, list[float]]] = {}
+    by_recipe: dict[int, dict[str, float]] = {}
     validate = attack._validate
 
-    def keep(gen, *rest):
-        score = validate(gen, *rest)
-        kept[rest[-1]] = (copy.deepcopy(gen.state_dict()), score[0])
+    def keep(gen, train_images, train_labels, val_images, val_labels, trial):
+        score = validate(gen, train_images, train_labels, val_images, val_labels, trial)
+        scores = [score[0]]
+        if args.select_recipes or args.victims > 1:
+            poisoned = poison_images(gen, train_images, cfg.eps, labels=train_labels)
+        for name in args.select_recipes:
+            victim = attack._victim(0, f"validation-victim-{name}")
+            train_classifier(victim, poisoned, train_labels, RECIPES[name],
+                             make_generator(attack.seed, f"validation-order-{name}"))
+            by_recipe.setdefault(trial, {})[name] = attack.target.score(predict(victim, val_images), val_labels)[0]
+        if args.victims > 1:  # more victims on the same stored poison; their streams are their own
+            for j in range(1, args.victims):
+                victim = attack._victim(0, f"validation-victim-{j}")
+                train_classifier(victim, poisoned, train_labels, cfg.validation,
+                                 make_generator(attack.seed, f"validation-order-{j}"))
+                scores.append(attack.target.score(predict(victim, val_images), val_labels)[0])
+        kept[trial] = (copy.deepcopy(gen.state_dict()), scores)
         return score
 
     attack._validate = keep  # the training run itself is unchanged: scoring never alters it
@@ -63,13 +103,24 @@ def main() -> None:
     fit_seconds = time.perf_counter() - start
     gen = copy.deepcopy(attack.generator)
     target_map = attack.target.target_map
+    mean = {t: sum(scores) / len(scores) for t, (_, scores) in kept.items()}
+    # the rules: lowest score of victim 0 alone (fit's own choice), lowest mean of the V (ties: the earlier trial)
+    picks = {"victim_0": attack.best_trial, "mean": min(mean, key=lambda t: (mean[t], t))}
+    if by_recipe:
+        recipe_mean = {t: sum(v.values()) / len(v) for t, v in by_recipe.items()}
+        picks["recipes"] = min(recipe_mean, key=lambda t: (recipe_mean[t], t))
     trials = {}
-    for trial, (state, score) in sorted(kept.items()):
+    for trial, (state, scores) in sorted(kept.items()):
+        row: dict = {"validation_score": mean[trial], "validation_scores": scores}
+        if by_recipe:
+            row["validation_by_recipe"] = by_recipe[trial]
+        trials[str(trial)] = row
+        if args.downstream == "picks" and trial not in picks.values():
+            continue
         gen.load_state_dict(state)
         poisoned = poison_images(gen, tr.images, cfg.eps, labels=tr.labels)
-        row: dict = {"validation_score": score}
         for name in ("A", "B20"):
-            values = []
+            values, on_val = [], []
             for s in args.seeds:
                 model = build_model("dc_cnn", 1, 28, 10, derive_seed(s, "bench-init"), torch.device("cpu"))
                 train_classifier(model, poisoned, tr.labels, RECIPES[name],
@@ -77,17 +128,26 @@ def main() -> None:
                 pred = predict(model, scored.images).argmax(1)
                 hit = pred == (scored.labels if target_map is None else target_map[scored.labels])
                 values.append(round(float(hit.float().mean()), 4))
+                if args.split == "test":  # the same models on the validation split: what selection saw
+                    pred = predict(model, va.images).argmax(1)
+                    hit = pred == (va.labels if target_map is None else target_map[va.labels])
+                    on_val.append(round(float(hit.float().mean()), 4))
             row[name] = values
-        trials[str(trial)] = row
+            if on_val:
+                row[name + "_on_val"] = on_val
         print(trial, json.dumps(row), flush=True)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    key = json.dumps({"config": overrides, "seed": args.seed, "split": args.split}, sort_keys=True)
-    results[key] = {"kept_trial": attack.best_trial, "fit_seconds": round(fit_seconds, 1),
+    key = json.dumps({"config": overrides, "seed": args.seed, "split": args.split}
+                     | ({"victims": args.victims} if args.victims > 1 else {})
+                     | ({"select_recipes": args.select_recipes} if args.select_recipes else {}), sort_keys=True)
+    results[key] = {"kept_trial": attack.best_trial, "picks": picks, "fit_seconds": round(fit_seconds, 1),
                     "metric": "accuracy" if target_map is None else "target_rate", "downstream_seeds": args.seeds,
                     "command": "python benchmarks/trial_scores.py " + json.dumps(json.dumps(overrides))
                                + f" --seed {args.seed} --seeds {' '.join(map(str, args.seeds))}"
-                               + f" --threads {args.threads} --split {args.split}",
+                               + f" --threads {args.threads} --split {args.split} --victims {args.victims}"
+                               + "".join(f" --select-recipes {' '.join(args.select_recipes)}" for _ in args.select_recipes[:1])
+                               + f" --downstream {args.downstream}",
                     "trials": trials}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

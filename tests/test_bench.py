@@ -219,3 +219,21 @@ def test_targets_poison_runs_of_other_trial_counts_are_other_measurements():
     table = targets.markdown({"multilabel_poison": again})
     assert "| untargeted, `unet16_cond` | 0 | 50.0" in table
     assert "| untargeted, `unet16_cond`, 12 trials | 0 | 50.0" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{}", "--victims", "0"], "--victims: expected an integer >= 1, got 0"),
+    (['{"restarts": 2}'], "restarts: this script scores one generator run, got 2"),
+    (["{}", "--select-recipes", "B7"], "--select-recipes: invalid choice"),
+])
+def test_trial_scores_rejects_bad_arguments_before_training(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "scores.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "trial_scores.py"), *args, "--out", str(out)],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode != 0 and message in run.stderr
+    assert not out.exists()  # nothing written
