@@ -87,12 +87,11 @@ def main() -> None:
             train_classifier(victim, poisoned, train_labels, RECIPES[name],
                              make_generator(attack.seed, f"validation-order-{name}"))
             by_recipe.setdefault(trial, {})[name] = attack.target.score(predict(victim, val_images), val_labels)[0]
-        if args.victims > 1:  # more victims on the same stored poison; their streams are their own
-            for j in range(1, args.victims):
-                victim = attack._victim(0, f"validation-victim-{j}")
-                train_classifier(victim, poisoned, train_labels, cfg.validation,
-                                 make_generator(attack.seed, f"validation-order-{j}"))
-                scores.append(attack.target.score(predict(victim, val_images), val_labels)[0])
+        for j in range(1, args.victims):  # more victims on the same stored poison; their streams are their own
+            victim = attack._victim(0, f"validation-victim-{j}")
+            train_classifier(victim, poisoned, train_labels, cfg.validation,
+                             make_generator(attack.seed, f"validation-order-{j}"))
+            scores.append(attack.target.score(predict(victim, val_images), val_labels)[0])
         kept[trial] = (copy.deepcopy(gen.state_dict()), scores)
         return score
 
@@ -109,6 +108,13 @@ def main() -> None:
     if by_recipe:
         recipe_mean = {t: sum(v.values()) / len(v) for t, v in by_recipe.items()}
         picks["recipes"] = min(recipe_mean, key=lambda t: (recipe_mean[t], t))
+
+    def hit_rate(model, split) -> float:
+        """Clean accuracy untargeted, else the target rate, on one split."""
+        pred = predict(model, split.images).argmax(1)
+        hit = pred == (split.labels if target_map is None else target_map[split.labels])
+        return round(float(hit.float().mean()), 4)
+
     trials = {}
     for trial, (state, scores) in sorted(kept.items()):
         row: dict = {"validation_score": mean[trial], "validation_scores": scores}
@@ -125,13 +131,9 @@ def main() -> None:
                 model = build_model("dc_cnn", 1, 28, 10, derive_seed(s, "bench-init"), torch.device("cpu"))
                 train_classifier(model, poisoned, tr.labels, RECIPES[name],
                                  torch.Generator().manual_seed(derive_seed(s, "bench-order")))
-                pred = predict(model, scored.images).argmax(1)
-                hit = pred == (scored.labels if target_map is None else target_map[scored.labels])
-                values.append(round(float(hit.float().mean()), 4))
+                values.append(hit_rate(model, scored))
                 if args.split == "test":  # the same models on the validation split: what selection saw
-                    pred = predict(model, va.images).argmax(1)
-                    hit = pred == (va.labels if target_map is None else target_map[va.labels])
-                    on_val.append(round(float(hit.float().mean()), 4))
+                    on_val.append(hit_rate(model, va))
             row[name] = values
             if on_val:
                 row[name + "_on_val"] = on_val
@@ -146,7 +148,7 @@ def main() -> None:
                     "command": "python benchmarks/trial_scores.py " + json.dumps(json.dumps(overrides))
                                + f" --seed {args.seed} --seeds {' '.join(map(str, args.seeds))}"
                                + f" --threads {args.threads} --split {args.split} --victims {args.victims}"
-                               + "".join(f" --select-recipes {' '.join(args.select_recipes)}" for _ in args.select_recipes[:1])
+                               + (f" --select-recipes {' '.join(args.select_recipes)}" if args.select_recipes else "")
                                + f" --downstream {args.downstream}",
                     "trials": trials}
     out.parent.mkdir(parents=True, exist_ok=True)
