@@ -27,7 +27,7 @@ Usage:
         [--seeds 100 101 102] [--threads 1] [--split val] [--victims 1] [--select-recipes A B20] \
         [--downstream all|picks] [--out benchmarks/results/trial_scores.json]
 
-Appends one run (keyed by configuration, seed and split) to ``--out``.
+Appends one run (keyed by configuration, seed, split and the extra victims) to ``--out``.
 """
 
 from __future__ import annotations
@@ -82,16 +82,16 @@ def main() -> None:
         scores = [score[0]]
         if args.select_recipes or args.victims > 1:
             poisoned = poison_images(gen, train_images, cfg.eps, labels=train_labels)
+
+        def victim_score(stream: str, recipe) -> float:
+            """One more validation victim on the same stored poison, with streams of its own."""
+            victim = attack._victim(0, f"validation-victim-{stream}")
+            train_classifier(victim, poisoned, train_labels, recipe, make_generator(attack.seed, f"validation-order-{stream}"))
+            return attack.target.score(predict(victim, val_images), val_labels)[0]
+
         for name in args.select_recipes:
-            victim = attack._victim(0, f"validation-victim-{name}")
-            train_classifier(victim, poisoned, train_labels, RECIPES[name],
-                             make_generator(attack.seed, f"validation-order-{name}"))
-            by_recipe.setdefault(trial, {})[name] = attack.target.score(predict(victim, val_images), val_labels)[0]
-        for j in range(1, args.victims):  # more victims on the same stored poison; their streams are their own
-            victim = attack._victim(0, f"validation-victim-{j}")
-            train_classifier(victim, poisoned, train_labels, cfg.validation,
-                             make_generator(attack.seed, f"validation-order-{j}"))
-            scores.append(attack.target.score(predict(victim, val_images), val_labels)[0])
+            by_recipe.setdefault(trial, {})[name] = victim_score(name, RECIPES[name])
+        scores += [victim_score(str(j), cfg.validation) for j in range(1, args.victims)]
         kept[trial] = (copy.deepcopy(gen.state_dict()), scores)
         return score
 
