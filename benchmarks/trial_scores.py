@@ -86,7 +86,8 @@ def main() -> None:
         def victim_score(stream: str, recipe) -> float:
             """One more validation victim on the same stored poison, with streams of its own."""
             victim = attack._victim(0, f"validation-victim-{stream}")
-            train_classifier(victim, poisoned, train_labels, recipe, make_generator(attack.seed, f"validation-order-{stream}"))
+            order = make_generator(attack.seed, f"validation-order-{stream}")
+            train_classifier(victim, poisoned, train_labels, recipe, order)
             return attack.target.score(predict(victim, val_images), val_labels)[0]
 
         for name in args.select_recipes:
