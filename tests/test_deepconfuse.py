@@ -542,9 +542,11 @@ def test_restarts_keep_the_run_that_scores_best_on_validation(tiny_data, monkeyp
     from poison.attacks.deepconfuse import restart_seed
 
     validate = DeepConfuse._validate
+    judges = []
 
     def favour_run_2(self, *args):
         # the run of restart 2 scores best whatever the tiny data says, so the choice is checked
+        judges.append((self.seed, self.validation_seed))
         score, acc, rate = validate(self, *args)
         return (score - 1.0 if self.seed == restart_seed(0, 2) else score), acc, rate
 
@@ -555,14 +557,42 @@ def test_restarts_keep_the_run_that_scores_best_on_validation(tiny_data, monkeyp
     assert [(r.restart, r.trial) for r in curve] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)] and seen == curve
     assert attack.best_restart == 2 and attack.state()["best_restart"] == 2
     assert len({restart_seed(0, r) for r in range(3)}) == 3 and restart_seed(0, 0) == 0
-    # each run is the single run of its seed: run 0 is restarts: 1, the kept one is run 2's generator
+    # one judge: every run trains from its own seed, all are scored by run 0's validation victim
+    assert sorted(set(judges)) == [(restart_seed(0, r), 0) for r in range(3)]
+    # each run is the single run of its seed judged by seed 0's validation victim: run 0 is
+    # restarts: 1, the kept one is run 2's generator
     for r in (0, 2):
-        single = _fit(tiny_data, seed=restart_seed(0, r))
+        single = DeepConfuse(_tiny_config(), 1, 28, 10, seed=restart_seed(0, r), validation_seed=0)
+        single.fit(*tiny_data)
         assert [x.val_accuracy for x in curve if x.restart == r] == [x.val_accuracy for x in single.curve]
         if r == 2:
             assert attack.best_trial == single.best_trial and attack.best_score == single.best_score
             kept, own = attack.generator.state_dict(), single.generator.state_dict()
             assert all(torch.equal(kept[k], own[k]) for k in own)
+
+
+def test_validation_seed_changes_the_judge_not_the_training(tiny_data, monkeypatch):
+    validate, judged_generators = DeepConfuse._validate, []
+
+    def record(self, gen, *args):
+        judged_generators.append((self.validation_seed, [t.clone() for t in gen.state_dict().values()]))
+        return validate(self, gen, *args)
+
+    monkeypatch.setattr(DeepConfuse, "_validate", record)
+    own, judged = _fit(tiny_data, seed=1), DeepConfuse(_tiny_config(), 1, 28, 10, seed=1, validation_seed=0)
+    judged.fit(*tiny_data)
+    assert own.validation_seed == 1 and judged.validation_seed == 0
+    # the generators scored are the seed's, trial by trial (validation never feeds back into training) ...
+    mine, theirs = [g for v, g in judged_generators if v == 1], [g for v, g in judged_generators if v == 0]
+    assert len(mine) == len(theirs) == 2
+    assert all(torch.equal(a, b) for g, h in zip(mine, theirs) for a, b in zip(g, h))
+    # ... by another validation victim: seed 0's initialisation, as run 0 of restarts from seed 0 has
+    def first_weight(attack):
+        return next(attack._victim(0, "validation-victim").parameters())
+
+    run0 = DeepConfuse(_tiny_config(), 1, 28, 10, seed=0)
+    assert torch.equal(first_weight(judged), first_weight(run0))
+    assert not torch.equal(first_weight(judged), first_weight(own))
 
 
 def test_one_restart_is_the_plain_run(tiny_data):

@@ -89,13 +89,17 @@ class DeepConfuse:
         seed: seeds the generator and victim initialisations and batch orders.
         device: where to train.
         multi_label: the data's labels are multi-hot vectors (N, num_classes).
+        validation_seed: seeds the validation victim and its batch order (default ``seed``);
+            the runs of ``restarts`` all take run 0's, so one judge scores every candidate.
     """
 
     def __init__(self, config: DeepConfuseConfig, in_channels: int, image_size: int, num_classes: int,
-                 seed: int, device: torch.device | str = "cpu", multi_label: bool = False) -> None:
+                 seed: int, device: torch.device | str = "cpu", multi_label: bool = False,
+                 validation_seed: int | None = None) -> None:
         self.config = config
         self.shape = (in_channels, image_size, num_classes)
         self.seed = seed
+        self.validation_seed = seed if validation_seed is None else validation_seed
         self.device = torch.device(device)
         self.multi_label = multi_label
         self.target = Target.from_config(config, num_classes, multi_label)
@@ -114,8 +118,10 @@ class DeepConfuse:
 
     # ------------------------------------------------------------------ training
     def _victim(self, trial: int, purpose: str) -> nn.Module:
+        """A fresh surrogate; validation victims ("validation-*") are seeded by ``validation_seed``."""
         c, s, k = self.shape
-        return build_model(self.config.surrogate, c, s, k, derive_seed(self.seed, purpose, trial), self.device,
+        seed = self.validation_seed if purpose.startswith("validation") else self.seed
+        return build_model(self.config.surrogate, c, s, k, derive_seed(seed, purpose, trial), self.device,
                            key="surrogate")
 
     def _unrolled_generator_step(self, victims: list[nn.Module], g_train: nn.Module, opt_g: torch.optim.Optimizer,
@@ -170,7 +176,9 @@ class DeepConfuse:
 
         With ``restarts: R > 1``, R generators are trained one after another, each a whole run
         from its own seed (``restart_seed``; run 0 is this object's seed), and the kept trial
-        of the run that scores best on validation is kept (ties: the earlier run). The curve
+        of the run that scores best on validation is kept (ties: the earlier run). Every run is
+        scored by the same validation victim and batch order (this object's
+        ``validation_seed``), so the runs differ only by their poison. The curve
         holds every run's trials, each with its ``restart``. The variance between generator
         seeds is the largest effect on the poison's strength (BENCHMARKS.md 4.4, 4.10).
 
@@ -184,7 +192,7 @@ class DeepConfuse:
         best: DeepConfuse | None = None
         for r in range(self.config.restarts):
             run = DeepConfuse(self.config, *self.shape, seed=restart_seed(self.seed, r), device=self.device,
-                              multi_label=self.multi_label)
+                              multi_label=self.multi_label, validation_seed=self.validation_seed)
 
             def tagged(record: TrialRecord, r: int = r) -> None:
                 record.restart = r
@@ -327,13 +335,14 @@ class DeepConfuse:
         The score is ``Target.score``'s (lower is stronger): accuracy untargeted, 1 - target rate
         otherwise; for multi-label data accuracy is exact-match.
 
-        Every trial is scored with the same victim initialisation and batch order, so
-        candidates differ only by their poison, not by the luck of a seed.
+        Every trial, of every run of ``restarts``, is scored with the same victim initialisation
+        and batch order (from ``validation_seed``), so candidates differ only by their poison,
+        not by the luck of a seed.
         """
         del trial
         poisoned = poison_images(gen, train_images, self.config.eps, self.device, labels=train_labels)
         victim = self._victim(0, "validation-victim")
-        order = make_generator(self.seed, "validation-order")
+        order = make_generator(self.validation_seed, "validation-order")
         train_classifier(victim, poisoned, train_labels, self.config.validation, order)
         return self.target.score(predict(victim, val_images), val_labels)
 

@@ -22,10 +22,11 @@ each a keyword of ``DeepConfuseConfig``:
   objectives on one shared perturbation, so it follows what poisons victims in general
   rather than one victim's trajectory. K = 1 is the authors' single victim, bit for bit.
 - ``restarts=R``: train R generators, each a whole run from its own seed, and keep the one
-  whose kept trial scores best on validation (the test split still chooses nothing). The
-  generator seed moves the poison's strength more than any setting measured (BENCHMARKS.md
-  4.4); best of two seeds cut test accuracy under the authors' recipe from 2.07% to 1.30% on
-  average (4.10), at R times the training time.
+  whose kept trial scores best on validation, every run judged by the same validation victim
+  (the test split still chooses nothing). The generator seed moves the poison's strength more
+  than any setting measured (BENCHMARKS.md 4.4), but best of two is not reliably better: over
+  four pairs the kept generator averaged 1.94% (A) / 1.98% (B20) clean test accuracy against
+  2.18 / 2.01 for one run over eight (4.10, 4.12), at R times the training time.
 - ``precision="bfloat16"``: run the unrolled generator step and the victim step under bfloat16
   autocast (faster on CPUs with bf16 instructions and on GPUs); the validation victim that picks
   the kept generator, and every poison stored, stay float32.
