@@ -144,18 +144,35 @@ GLOBAL_RNG_LOCK = threading.RLock()
 def torch_threads(count: int | None) -> Iterator[None]:
     """Run the block with ``count`` torch CPU threads (None: leave them), then restore them.
 
+    Safe to nest and to overlap from several Python threads: the count set before the first
+    block is restored when the last block ends (while blocks overlap, the latest one's count
+    holds).
+
     CPU kernels split their sums by thread, so the thread count is part of a result's
     bytes: stages that must give the same bytes wherever they run fix it.
     """
     if count is None:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
+    token = object()
+    with _THREADS_LOCK:
+        # the count is process-wide: blocks that overlap (thread task runners) or nest share it,
+        # so the count from before the first block comes back only when the last one ends
+        if not _ACTIVE_THREADS:
+            _THREADS_BEFORE[0] = torch.get_num_threads()
+        _ACTIVE_THREADS.append((token, count))
+        torch.set_num_threads(count)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _THREADS_LOCK:
+            _ACTIVE_THREADS[:] = [(t, c) for t, c in _ACTIVE_THREADS if t is not token]
+            torch.set_num_threads(_ACTIVE_THREADS[-1][1] if _ACTIVE_THREADS else _THREADS_BEFORE[0])
+
+
+_THREADS_LOCK = threading.Lock()
+_ACTIVE_THREADS: list[tuple[object, int]] = []   # the blocks of torch_threads now running, oldest first
+_THREADS_BEFORE = [0]                            # the count before the first of them
 
 
 def code_fingerprint() -> str:

@@ -153,6 +153,53 @@ def test_torch_threads_sets_and_restores_the_count():
         assert torch.get_num_threads() == before
 
 
+def test_torch_threads_nested_and_overlapping_blocks_restore_the_count():
+    outside = torch.get_num_threads()
+    torch.set_num_threads(2)  # a count that differs from the blocks' own, whatever the environment set
+    try:
+        _nested_and_overlapping_blocks()
+    finally:
+        torch.set_num_threads(outside)
+
+
+def _nested_and_overlapping_blocks():
+    import threading
+
+    before = torch.get_num_threads()
+    with torch_threads(3):
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 3   # the outer block's count again
+    assert torch.get_num_threads() == before
+    # two threads whose blocks overlap (a thread task runner): the first to enter leaves first
+    entered, second_in, first_left = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with torch_threads(1):
+            entered.set()
+            second_in.wait(5)
+        first_left.set()
+
+    def second():
+        entered.wait(5)
+        with torch_threads(1):
+            second_in.set()
+            first_left.wait(5)
+
+    workers = [threading.Thread(target=f) for f in (first, second)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(10)
+    assert all(not w.is_alive() for w in workers) and second_in.is_set() and first_left.is_set()
+    # torch keeps a count per thread and a process-wide one that new threads start from: both restored
+    fresh: list[int] = []
+    late = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    late.start()
+    late.join(10)
+    assert torch.get_num_threads() == before and fresh == [before]
+
+
 def test_code_fingerprint_is_stable_and_covers_the_package():
     assert code_fingerprint() == code_fingerprint()
     assert len(code_fingerprint()) == 64
