@@ -24,7 +24,6 @@ Results: benchmarks/results/semantic.json (merged per evaluation) and a Markdown
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -266,8 +265,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", choices=[*METHODS, *CANDIDATES], default=list(METHODS))
     ap.add_argument("--ratios", nargs="+", type=float, default=list(TAIL_RATIOS))
     args = ap.parse_args()
-    out_path = Path(args.out)
-    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    from poison.utils import update_json
+
+    result: dict = {}
     jobs: dict[str, list[tuple]] = {
         "strength": [(strength, s, args.epochs, args.clean) for s in args.seeds],
         "imbalance": [(imbalance, s, args.epochs, args.clean, r, m, args.split) for r in args.ratios
@@ -279,13 +279,13 @@ def main() -> None:
             t0 = time.perf_counter()
             futures = [pool.submit(fn, *a) for fn, *a in jobs[name]]
             runs = [f.result() for f in futures]
-            result[name] = {"runs": runs, "seconds": time.perf_counter() - t0, "epochs": args.epochs,
+            part = {"runs": runs, "seconds": time.perf_counter() - t0, "epochs": args.epochs,
                             "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                             "machine": {"cpus": os.cpu_count(), "workers": args.workers,
                                         "python": platform.python_version(), "torch": torch.__version__}}
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-            print(f"{name}: {len(runs)} runs in {result[name]['seconds']:.0f} s", flush=True)
+            # re-read under the lock, so a run writing the same file meanwhile keeps its results
+            result = update_json(args.out, lambda r, name=name, part=part: r | {name: part})
+            print(f"{name}: {len(runs)} runs in {part['seconds']:.0f} s", flush=True)
     print(markdown(result))
 
 

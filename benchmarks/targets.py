@@ -429,14 +429,18 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only merge these result files (runs in parallel with other --out) into --out, then report")
     args = ap.parse_args()
-    out_path = Path(args.out)
-    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    from poison.utils import update_json
+
     if args.merge:
-        for other in args.merge:
-            for name, part in json.loads(Path(other).read_text()).items():
-                result[name] = _merge(name, result.get(name, {}), part)
-        out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        print(markdown(result))
+        parts = [json.loads(Path(other).read_text()) for other in args.merge]
+
+        def merged(result: dict) -> dict:
+            for part in parts:
+                for name, runs in part.items():
+                    result[name] = _merge(name, result.get(name, {}), runs)
+            return result
+
+        print(markdown(update_json(args.out, merged)))
         return
     search = {"iterations": args.iterations, "binary_steps": args.binary_steps}
     ad = {key: v for key, v in (("alpha", args.ad_alpha), ("beta", args.ad_beta), ("similarity", args.ad_similarity))
@@ -454,6 +458,7 @@ def main() -> None:
         "multilabel_poison": [(multilabel_poison, v, args.seeds, args.trials, args.grid, g, args.generator)
                               for g in args.generator_seeds for v in args.ml_poisons],
     }
+    result: dict = {}
     with ProcessPoolExecutor(args.workers) as pool:
         # the long generator trainings first, so the short attack jobs fill in around them
         order = sorted(args.only, key=lambda n: n.endswith("attacks"))
@@ -462,12 +467,11 @@ def main() -> None:
             t0 = time.perf_counter()
             runs = [f.result() for f in futures[name]]
             command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-            result[name] = _merge(name, result.get(name, {}), {
-                "runs": runs, "seconds_waited": time.perf_counter() - t0, "search": search, "commands": [command],
-                "machine": {"cpus": os.cpu_count(), "workers": args.workers,
-                            "python": platform.python_version(), "torch": torch.__version__}})
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+            part = {"runs": runs, "seconds_waited": time.perf_counter() - t0, "search": search, "commands": [command],
+                    "machine": {"cpus": os.cpu_count(), "workers": args.workers,
+                                "python": platform.python_version(), "torch": torch.__version__}}
+            # re-read under the lock, so a run writing the same file meanwhile keeps its results
+            result = update_json(args.out, lambda r, name=name, part=part: r | {name: _merge(name, r.get(name, {}), part)})
             print(f"{name}: {len(runs)} runs", flush=True)
     print(markdown(result))
 

@@ -36,7 +36,6 @@ import argparse
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -45,7 +44,7 @@ from poison.attacks.deepconfuse import DeepConfuse, DeepConfuseConfig, poison_im
 from poison.bench import RECIPES
 from poison.config import from_dict
 from poison.train import build_model, predict, train_classifier
-from poison.utils import derive_seed, make_generator
+from poison.utils import derive_seed, make_generator, update_json
 
 
 def main() -> None:
@@ -139,12 +138,10 @@ def main() -> None:
             if on_val:
                 row[name + "_on_val"] = on_val
         print(trial, json.dumps(row), flush=True)
-    out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
     key = json.dumps({"config": overrides, "seed": args.seed, "split": args.split}
                      | ({"victims": args.victims} if args.victims > 1 else {})
                      | ({"select_recipes": args.select_recipes} if args.select_recipes else {}), sort_keys=True)
-    results[key] = {"kept_trial": attack.best_trial, "picks": picks, "fit_seconds": round(fit_seconds, 1),
+    entry = {"kept_trial": attack.best_trial, "picks": picks, "fit_seconds": round(fit_seconds, 1),
                     "metric": "accuracy" if target_map is None else "target_rate", "downstream_seeds": args.seeds,
                     "command": "python benchmarks/trial_scores.py " + json.dumps(json.dumps(overrides))
                                + f" --seed {args.seed} --seeds {' '.join(map(str, args.seeds))}"
@@ -152,8 +149,7 @@ def main() -> None:
                                + (f" --select-recipes {' '.join(args.select_recipes)}" if args.select_recipes else "")
                                + f" --downstream {args.downstream}",
                     "trials": trials}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    update_json(args.out, lambda results: results | {key: entry}, indent=1)  # keeps runs side by side
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import main
 from poison.config import load_params
 from poison.publish import PublishError, dvc_push
+from poison.utils import atomic_write_bytes
 
 
 # the lock files of the repository's pipelines (dvc.yaml, variants/dvc.yaml)
@@ -98,7 +99,7 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
         log.error("regenerate failed: restoring the lock files and the outputs they record")
         for lock in LOCK_FILES:  # a lock file the failed run created is removed
             if lock in saved:
-                (root / lock).write_bytes(saved[lock])
+                atomic_write_bytes(root / lock, saved[lock])
             else:
                 (root / lock).unlink(missing_ok=True)
         if saved:

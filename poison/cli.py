@@ -170,6 +170,8 @@ def _save_grid(images: torch.Tensor, labels: torch.Tensor, clean: torch.Tensor |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from poison.utils import atomic_path
+
     cols = ["clean", "poisoned", "perturbation"] if clean is not None else ["image"]
     fig, axes = plt.subplots(len(classes), len(cols), figsize=(1.4 * len(cols), 1.3 * len(classes)), dpi=100,
                              squeeze=False)
@@ -197,8 +199,8 @@ def _save_grid(images: torch.Tensor, labels: torch.Tensor, clean: torch.Tensor |
             ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=1)
     fig.suptitle(f"{manifest['dataset']} ({manifest['kind']})", fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    with atomic_path(out) as tmp:  # an interrupted save leaves no half-written figure under its name
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 

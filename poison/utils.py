@@ -9,8 +9,13 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from contextlib import contextmanager
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: update_json writes atomically, without the lock
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -22,6 +27,7 @@ __all__ = [
     "derive_seed",
     "atomic_write_bytes",
     "atomic_write_json",
+    "update_json",
     "atomic_path",
     "sha256_file",
     "sha256_bytes",
@@ -103,6 +109,31 @@ def canonical_json(obj: Any) -> str:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as canonical JSON to ``path`` atomically."""
     atomic_write_bytes(path, canonical_json(obj).encode())
+
+
+def update_json(path: str | os.PathLike[str], update: Callable[[dict], dict], indent: int = 2) -> dict:
+    """Read the JSON object at ``path`` ({} if absent), apply ``update``, write the result back; return it.
+
+    The file is replaced atomically, and on POSIX the read-update-write holds an exclusive
+    ``flock`` on the file's folder, so runs that add results to one file side by side keep
+    each other's (each re-reads the file under the lock instead of overwriting it with an
+    older copy). A file that is not a JSON object raises ``ValueError`` naming it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        current = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(current, dict):
+            raise ValueError(f"{path}: expected a JSON object of results, got {type(current).__name__}; "
+                             "move the file away or pass another output path")
+        result = update(current)
+        atomic_write_bytes(path, (json.dumps(result, indent=indent, sort_keys=True) + "\n").encode())
+        return result
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -49,3 +49,34 @@ def test_unavailable_cuda_is_a_reported_configuration_error():
     # The CLI and the flows print PoisonErrors as one line; anything else is a traceback.
     with pytest.raises(PoisonError, match=r"device.*set device: auto or cpu"):
         resolve_device("cuda")
+
+
+def test_update_json_merges_atomically_and_keeps_concurrent_updates(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from poison.utils import update_json
+
+    path = tmp_path / "results" / "runs.json"
+    assert update_json(path, lambda r: r | {"a": 1}) == {"a": 1}
+    # many writers, each adding its own key: none loses another's (each re-reads under the lock)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: update_json(path, lambda r: r | {f"k{i}": i}), range(16)))
+    assert json.loads(path.read_text()) == {"a": 1} | {f"k{i}": i for i in range(16)}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["runs.json"]  # no temporary file left
+
+
+def test_update_json_failure_leaves_the_file_and_names_a_bad_one(tmp_path):
+    from poison.utils import update_json
+
+    path = tmp_path / "runs.json"
+    path.write_text('{"kept": true}\n')
+
+    def boom(results):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        update_json(path, boom)
+    assert path.read_text() == '{"kept": true}\n'
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="runs.json: expected a JSON object"):
+        update_json(path, lambda r: r)
