@@ -16,6 +16,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from poison.config import Params
+from poison.card import HAZARD
 from poison.publish import PublishError, dvc_push, evaluate_metrics, publish_dataset, verify_all
 from flows.common import load_params_task, main
 
@@ -28,7 +29,8 @@ def verify(params: Params) -> dict[str, str]:
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=10)
 def push(remote: str | None) -> str:
-    return dvc_push(".", remote=remote)
+    # the core pipeline only, as `poison publish` does: the variants of variants/dvc.yaml need not have run
+    return dvc_push(".", remote=remote, targets=("dvc.yaml",))
 
 
 @task(name="copy-to-prefix", retries=2, retry_delay_seconds=10)
@@ -54,9 +56,13 @@ def publish(params_path: str = "params.yaml", push_to_dvc: bool | None = None) -
     if cfg.prefix:
         for name, path in dirs.items():
             out["datasets"][name] = copy(path, params)
-    lines = ["# Published", "", f"- dvc push: {out['dvc_push'] or 'skipped'}"]
-    lines += [f"- {name}: `{r['url']}` ({r['samples']} samples, {'new' if r['published'] else 'already there'})"
-              for name, r in out["datasets"].items()]
+    lines = ["# Published", ""]
+    poisoned = [name for name, r in out["datasets"].items() if r.get("kind") == "poisoned"]
+    if poisoned:  # the same warning as every poisoned dataset's card and the other flows' artifacts
+        lines += [f"**{HAZARD}** (poisoned: {', '.join(poisoned)})", ""]
+    lines += [f"- dvc push: {out['dvc_push'] or 'skipped'}"]
+    lines += [f"- {name}: `{r['url']}` ({r['samples']} samples, {r.get('kind', '-')}, "
+              f"{'new' if r['published'] else 'already there'})" for name, r in out["datasets"].items()]
     create_markdown_artifact(key="published", markdown="\n".join(lines), description="where the datasets went")
     return out
 

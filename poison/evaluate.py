@@ -113,7 +113,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {"accuracy_mean": float(accs.mean()), "accuracy_min": float(accs.min()), "accuracy_max": float(accs.max())}
     if runs and "target_rate" in runs[0]:
         rates = torch.tensor([r["target_rate"] for r in runs], dtype=torch.float64)
-        out.update(target_rate_mean=float(rates.mean()), target_rate_min=float(rates.min()))
+        out.update(target_rate_mean=float(rates.mean()), target_rate_min=float(rates.min()),
+                   target_rate_max=float(rates.max()))
     return out
 
 

@@ -50,7 +50,7 @@ def test_summarise_over_seeds():
     s = summarise(runs)
     assert s["accuracy_mean"] == pytest.approx(0.6)
     assert (s["accuracy_min"], s["accuracy_max"]) == (0.5, 0.7)
-    assert s["target_rate_mean"] == pytest.approx(0.3) and s["target_rate_min"] == 0.2
+    assert s["target_rate_mean"] == pytest.approx(0.3) and (s["target_rate_min"], s["target_rate_max"]) == (0.2, 0.4)
     assert "target_rate_mean" not in summarise([{"accuracy": 1.0}])
 
 

@@ -15,6 +15,7 @@ from poison import publish as pub
 from poison.cli import main
 from poison.config import from_dict, Params
 from poison.errors import ConfigError, ShardError
+from poison.evaluate import summarise
 from poison.loader import open_dataset
 from poison.shards import load_split, manifest_sha256, read_manifest
 
@@ -112,11 +113,13 @@ def test_metrics_go_into_the_card_only_for_the_dataset_they_measured(dataset, tm
                "budget": {"eps": 0.3},
                "datasets": {"poisoned": {"manifest_sha256": manifest_sha256(dataset)},
                             "clean": {"manifest_sha256": "0" * 64}},
-               "clean": {"test_cnn": {"accuracy_mean": 0.9, "accuracy_std": 0.0, "runs": []}},
-               "poisoned": {"test_cnn": {"accuracy_mean": 0.1, "accuracy_std": 0.0, "runs": []}}}
+               "clean": {"test_cnn": summarise([{"accuracy": 0.9}])},
+               "poisoned": {"test_cnn": summarise([{"accuracy": 0.0}, {"accuracy": 0.2}]) | {"runs": []}}}
     summary = pub.card_metrics(metrics, dataset)
     assert summary["measured_as"] == "poisoned"
-    assert summary["clean_test_accuracy"]["poisoned"]["test_cnn"] == {"accuracy_mean": 0.1, "accuracy_std": 0.0}
+    # the spread over seeds that evaluate.summarise reports travels with the mean; per-run detail does not
+    assert summary["clean_test_accuracy"]["poisoned"]["test_cnn"] == {"accuracy_mean": 0.1, "accuracy_min": 0.0,
+                                                                       "accuracy_max": 0.2}
     r = pub.publish_dataset(dataset, tmp_path / "pub", metrics=metrics, repo_path="data/shards/x")
     card = (Path(r["url"]) / "README.md").read_text()
     assert card.startswith("# ⚠ POISONED DATASET") and "## Metrics" in card and '"accuracy_mean": 0.1' in card
