@@ -6,9 +6,10 @@ Two products, both stored as shards of kind ``semantic`` (one dataset, two split
   ``victim`` trained on the clean training split, labelled with its true label, for
   adversarial training and robustness tests;
 - ``longtail``: a long-tailed subset of the training split (class c keeps
-  n_max * ratio ** (-r_c / (C - 1)) images, r_c the class's rank in a seeded order), then
-  SIA variants of each tail class's images, label kept, until every class has
-  ``share * n_max``; the attacked model is one trained on the long-tailed subset.
+  max(1, round(n_max * ratio ** (-c / (C - 1)))) images: class 0 the head, the last class
+  the tail; which images, a seeded choice), then SIA variants of each tail class's images,
+  label kept, until every class has ``share * n_max``; the attacked model is one trained on
+  the long-tailed subset.
 
 Every sample's json records the attribute values and the image-space budget used.
 ``augment(params)`` is the pipeline stage that writes both (``poison.stages.STAGES``).

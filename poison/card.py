@@ -58,7 +58,9 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
         "The full method configuration is in `manifest.json` (`config`).",
         "",
         "## How to load it",
-        "Three ways; each checks every shard's sha256 against `manifest.json` before using it.",
+        "Three ways. Only the first checks every shard's sha256 against `manifest.json` before using it: "
+        "before the second, run `poison verify <prefix>/<dataset>/<version>`; after the third, `poison verify` the "
+        "imported folder (`dvc import` checks DVC's own hashes, not the manifest's).",
         "",
         "1. Python, from this folder, a published prefix (`https://...`, `s3://...`) or a DVC project:",
         "```python",

@@ -212,7 +212,9 @@ def poison_shard(params: Params, plan: dict[str, Any], job: dict[str, Any]) -> d
     diff = (x_p.to(torch.int16) - x.to(torch.int16)).abs()
     levels = budget_levels(ckpt["eps"])
     if diff.numel() and int(diff.max()) > levels:  # the quantizer guarantees this; a failure here is a bug
-        raise AssertionError(f"poison exceeds the budget: {int(diff.max())} > {levels} levels")
+        raise AssertionError(f"{params.paths.generator}: its poison of train samples {begin}..{end - 1} exceeds "
+                             f"the budget ({int(diff.max())} > {levels} levels of eps {ckpt['eps']}); a bug in "
+                             "the quantizer, please report it; no shard was written")
     target_map = ckpt["target_map"]
     records = []
     for i, m in enumerate(meta):

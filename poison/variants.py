@@ -164,13 +164,21 @@ def save_checkpoint(attack: DeepConfuse, config: dict[str, Any], seed: int, sour
 
 
 def fit_generator(cfg: DeepConfuseConfig, data_path: str, seed: int, device: torch.device, multi_label: bool,
-                  on_trial: Callable[..., None] | None = None) -> tuple[DeepConfuse, dict[str, Any]]:
-    """Train a DeepConfuse generator on ``data_path``'s train split, selected on its val split."""
+                  on_trial: Callable[..., None] | None = None,
+                  section: str = "train_generator") -> tuple[DeepConfuse, dict[str, Any]]:
+    """Train a DeepConfuse generator on ``data_path``'s train split, selected on its val split.
+
+    ``section``: where ``cfg`` sits in params.yaml; the errors that need the data (a target
+    map or top-k list that does not fit its classes) name it, e.g. ``topk.generator.topk``.
+    """
     manifest = read_manifest(data_path)
     x_tr, y_tr, _ = load_split(data_path, "train")
     x_va, y_va, _ = load_split(data_path, "val")
-    attack = DeepConfuse(cfg, x_tr.shape[1], x_tr.shape[-1], len(manifest["classes"]), seed, device,
-                         multi_label=multi_label)
+    try:
+        attack = DeepConfuse(cfg, x_tr.shape[1], x_tr.shape[-1], len(manifest["classes"]), seed, device,
+                             multi_label=multi_label)
+    except ConfigError as err:
+        raise ConfigError(f"{section}.{err} (data: {data_path}, {len(manifest['classes'])} classes)") from None
     start = time.perf_counter()
     curve = attack.fit(x_tr, y_tr, x_va, y_va, on_trial=on_trial)
     best = next(r for r in curve if r.trial == attack.best_trial and r.restart == attack.best_restart)
@@ -191,7 +199,8 @@ def _materialize(attack: DeepConfuse, params: Any, clean_path: str, out_path: st
     levels = budget_levels(attack.config.eps)
     diff = (x_p.to(torch.int16) - x.to(torch.int16)).abs()
     if diff.numel() and int(diff.max()) > levels:  # the quantizer guarantees this; a failure here is a bug
-        raise AssertionError(f"poison exceeds the budget: {int(diff.max())} > {levels} levels")
+        raise AssertionError(f"{out_path}: the poison exceeds the budget ({int(diff.max())} > {levels} levels of "
+                             f"eps {attack.config.eps}); a bug in the quantizer, please report it; nothing was written")
     goal = targets(y)
     meta = [{"kind": "poisoned", "poisoned": True, "method": method, "split": "train", "source": clean["dataset"],
              "source_key": sample_key("train", i), "target": goal[i], "eps": attack.config.eps}
@@ -269,7 +278,8 @@ def topk(params: Any) -> dict[str, Any]:
         raise ShardError(f"{params.paths.clean}: multi-label; the ordered top-k poison needs single-label data")
     device = resolve_device(params.device)
     with torch_threads(cfg.threads):
-        attack, summary = fit_generator(cfg.generator, params.paths.clean, params.seed, device, multi_label=False)
+        attack, summary = fit_generator(cfg.generator, params.paths.clean, params.seed, device, multi_label=False,
+                                        section="topk.generator")
         source = {"dataset": clean["dataset"], "manifest_sha256": manifest_sha256(params.paths.clean)}
         save_checkpoint(attack, to_dict(cfg.generator), params.seed, source, params.paths.topk_generator)
         lists = attack.target.topk_lists
@@ -310,7 +320,8 @@ def multilabel(params: Any) -> dict[str, Any]:
                          "run the compose stage first (`dvc repro compose`)")
     device = resolve_device(params.device)
     with torch_threads(cfg.threads):
-        attack, summary = fit_generator(cfg.generator, clean_path, params.seed, device, multi_label=True)
+        attack, summary = fit_generator(cfg.generator, clean_path, params.seed, device, multi_label=True,
+                                        section="multilabel.generator")
         source = {"dataset": clean["dataset"], "manifest_sha256": manifest_sha256(clean_path)}
         save_checkpoint(attack, to_dict(cfg.generator), params.seed, source, params.paths.multilabel_generator)
         target = attack.target

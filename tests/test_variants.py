@@ -202,3 +202,19 @@ def test_compose_refuses_multilabel_source(session_params, variant_datasets, tmp
         session_params.paths, clean=str(variant_datasets["multilabel_clean"]), multilabel_clean=str(tmp_path / "g")))
     with pytest.raises(ShardError, match="already multi-label"):
         stages.compose(params)
+
+
+@pytest.mark.parametrize("section, overrides, key", [
+    ("topk.generator", {"target": "ordered_topk", "topk": 10}, "topk"),
+    ("train_generator", {"target": "label_specific", "target_shift": 10}, "target_shift"),
+])
+def test_generator_errors_that_need_the_data_name_their_params_section(clean_dataset, section, overrides, key):
+    # these checks need the number of classes, so they run when the stage reads the data, not
+    # when params.yaml is loaded: the message still says which section of params.yaml to fix
+    from poison.attacks.deepconfuse import DeepConfuseConfig
+    from poison.errors import ConfigError
+    from poison.variants import fit_generator
+
+    cfg = DeepConfuseConfig(generator="test_autoencoder", surrogate="test_cnn", trials=1, **overrides)
+    with pytest.raises(ConfigError, match=rf"^{section.replace('.', '[.]')}[.]{key}: .*\(data: .*10 classes\)"):
+        fit_generator(cfg, str(clean_dataset), 0, torch.device("cpu"), multi_label=False, section=section)
