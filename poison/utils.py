@@ -121,9 +121,9 @@ def update_json(path: str | os.PathLike[str], update: Callable[[dict], dict], in
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
+    fd = os.open(path.parent, os.O_RDONLY) if fcntl is not None else None
     try:
-        if fcntl is not None:
+        if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         current = json.loads(path.read_text()) if path.is_file() else {}
         if not isinstance(current, dict):
@@ -133,7 +133,8 @@ def update_json(path: str | os.PathLike[str], update: Callable[[dict], dict], in
         atomic_write_bytes(path, (json.dumps(result, indent=indent, sort_keys=True) + "\n").encode())
         return result
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -80,3 +80,12 @@ def test_update_json_failure_leaves_the_file_and_names_a_bad_one(tmp_path):
     path.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match="runs.json: expected a JSON object"):
         update_json(path, lambda r: r)
+
+
+def test_update_json_without_flock_still_writes_atomically(tmp_path, monkeypatch):
+    import poison.utils as utils
+
+    monkeypatch.setattr(utils, "fcntl", None)  # not POSIX: no lock, the same atomic replace
+    path = tmp_path / "runs.json"
+    utils.update_json(path, lambda r: r | {"a": 1})
+    assert utils.update_json(path, lambda r: r | {"b": 2}) == {"a": 1, "b": 2} == json.loads(path.read_text())
