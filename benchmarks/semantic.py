@@ -280,9 +280,9 @@ def main() -> None:
             futures = [pool.submit(fn, *a) for fn, *a in jobs[name]]
             runs = [f.result() for f in futures]
             part = {"runs": runs, "seconds": time.perf_counter() - t0, "epochs": args.epochs,
-                            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                            "machine": {"cpus": os.cpu_count(), "workers": args.workers,
-                                        "python": platform.python_version(), "torch": torch.__version__}}
+                    "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                    "machine": {"cpus": os.cpu_count(), "workers": args.workers,
+                                "python": platform.python_version(), "torch": torch.__version__}}
             # re-read under the lock, so a run writing the same file meanwhile keeps its results
             result = update_json(args.out, lambda r, name=name, part=part: r | {name: part})
             print(f"{name}: {len(runs)} runs in {part['seconds']:.0f} s", flush=True)

@@ -471,7 +471,8 @@ def main() -> None:
                     "machine": {"cpus": os.cpu_count(), "workers": args.workers,
                                 "python": platform.python_version(), "torch": torch.__version__}}
             # re-read under the lock, so a run writing the same file meanwhile keeps its results
-            result = update_json(args.out, lambda r, name=name, part=part: r | {name: _merge(name, r.get(name, {}), part)})
+            result = update_json(args.out, lambda r, name=name, part=part:
+                                 r | {name: _merge(name, r.get(name, {}), part)})
             print(f"{name}: {len(runs)} runs", flush=True)
     print(markdown(result))
 

@@ -142,13 +142,13 @@ def main() -> None:
                      | ({"victims": args.victims} if args.victims > 1 else {})
                      | ({"select_recipes": args.select_recipes} if args.select_recipes else {}), sort_keys=True)
     entry = {"kept_trial": attack.best_trial, "picks": picks, "fit_seconds": round(fit_seconds, 1),
-                    "metric": "accuracy" if target_map is None else "target_rate", "downstream_seeds": args.seeds,
-                    "command": "python benchmarks/trial_scores.py " + json.dumps(json.dumps(overrides))
-                               + f" --seed {args.seed} --seeds {' '.join(map(str, args.seeds))}"
-                               + f" --threads {args.threads} --split {args.split} --victims {args.victims}"
-                               + (f" --select-recipes {' '.join(args.select_recipes)}" if args.select_recipes else "")
-                               + f" --downstream {args.downstream}",
-                    "trials": trials}
+            "metric": "accuracy" if target_map is None else "target_rate", "downstream_seeds": args.seeds,
+            "command": "python benchmarks/trial_scores.py " + json.dumps(json.dumps(overrides))
+                       + f" --seed {args.seed} --seeds {' '.join(map(str, args.seeds))}"
+                       + f" --threads {args.threads} --split {args.split} --victims {args.victims}"
+                       + (f" --select-recipes {' '.join(args.select_recipes)}" if args.select_recipes else "")
+                       + f" --downstream {args.downstream}",
+            "trials": trials}
     update_json(args.out, lambda results: results | {key: entry}, indent=1)  # keeps runs side by side
 
 
