@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import load_params_task, main
 from poison import stages
+from poison.card import GENERATOR_HAZARD
 from poison.config import Params
 
 
@@ -35,7 +36,8 @@ def train_generator(params_path: str = "params.yaml") -> dict[str, Any]:
     result = train(load_params_task(params_path))
     create_markdown_artifact(
         key="generator-summary",
-        markdown="\n".join(["| key | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in result.items()]),
+        markdown="\n".join([f"**{GENERATOR_HAZARD}**", "", "| key | value |", "|---|---|"]
+                            + [f"| {k} | {v} |" for k, v in result.items()]),
         description="DeepConfuse generator training",
     )
     return result

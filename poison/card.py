@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["HAZARD", "AUGMENTED", "dataset_card"]
+__all__ = ["HAZARD", "AUGMENTED", "GENERATOR_HAZARD", "dataset_card"]
 
 HAZARD = (
     "POISONED DATA: this dataset was deliberately perturbed to harm models trained on it. "
     "For robustness and security research only; never mix it into production training data."
+)
+GENERATOR_HAZARD = (
+    "POISON GENERATOR: this checkpoint makes poisoned training data, perturbations that harm models "
+    "trained on them. For robustness and security research only; never apply it to production training data."
 )
 AUGMENTED = (
     "SEMANTICALLY AUGMENTED DATA: images were adversarially transformed. For robustness "

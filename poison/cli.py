@@ -2,6 +2,7 @@
 
     poison run [--params params.yaml] [--stages prepare train_generator poison evaluate]
     poison inspect DIR [--clean DIR] [--out grid.png]
+    poison inspect CHECKPOINT.pt
     poison verify DIR|URL
     poison publish [DIR ...] [--to PREFIX] [--version V] [--no-push] [--remote NAME]
     poison bench [--params params.yaml] [--untargeted JSON] [--label-specific JSON] [--only JOB ...]
@@ -135,9 +136,30 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_checkpoint(path: Path) -> int:
+    """Print a generator checkpoint's hazard, what it was trained for and on (no PNG)."""
+    from poison.card import GENERATOR_HAZARD
+    from poison.stages import load_generator
+
+    _, ckpt = load_generator(path)
+    cfg = ckpt["config"]
+    print(ckpt.get("hazard") or GENERATOR_HAZARD)  # checkpoints before the field are generators too
+    print(f"generator: {ckpt['generator_arch']}  target: {cfg.get('target')}  eps: {ckpt['eps']}  "
+          f"seed: {ckpt.get('seed')}  kept trial: {ckpt.get('best_trial')}")
+    for key in ("target_map", "topk_targets", "flip_labels"):
+        if ckpt.get(key) is not None:
+            print(f"  {key}: {ckpt[key]}")
+    src = ckpt["source"]
+    print(f"  trained on {src.get('dataset')} (manifest sha256 {src.get('manifest_sha256')}): "
+          f"{ckpt['in_channels']}x{ckpt['image_size']}px, {ckpt['num_classes']} classes")
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from poison.shards import load_split, manifest_sha256, read_manifest
 
+    if Path(args.dir).is_file() or Path(args.dir).suffix == ".pt":
+        return _inspect_checkpoint(Path(args.dir))
     m = read_manifest(args.dir)
     budget = m.get("budget") or {}
     if m.get("hazard"):
@@ -213,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--params", default="params.yaml")
     run.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     run.set_defaults(func=_cmd_run)
-    ins = sub.add_parser("inspect", help="print a dataset's kind, method, budget, counts; save a sample grid PNG")
-    ins.add_argument("dir")
+    ins = sub.add_parser("inspect", help="print a dataset's kind, method, budget, counts; save a sample grid PNG "
+                                         "(or print what a generator checkpoint .pt makes)")
+    ins.add_argument("dir", help="dataset folder, or a generator checkpoint file")
     ins.add_argument("--clean", help="clean dataset the poison was made from (default: the manifest's source path)")
     ins.add_argument("--out", help="PNG path (default: ./<dataset>-inspect.png)")
     ins.set_defaults(func=_cmd_inspect)

@@ -102,7 +102,8 @@ def card_metrics(metrics: dict[str, Any] | None, dataset_dir: str | os.PathLike[
     role = next((r for r, d in metrics["datasets"].items() if d.get("manifest_sha256") == sha), None)
     if role is None:
         return None
-    keep = tuple(f"{m}_{s}" for m in ("accuracy", "target_rate") for s in ("mean", "min", "max"))  # evaluate.summarise's
+    # the keys evaluate.summarise writes
+    keep = tuple(f"{m}_{s}" for m in ("accuracy", "target_rate") for s in ("mean", "min", "max"))
     summary: dict[str, Any] = {
         "measured_as": role, "target": metrics.get("target"), "test_samples": metrics.get("test_samples"),
         "recipe": metrics.get("recipe"), "seeds": metrics.get("seeds"),

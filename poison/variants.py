@@ -36,6 +36,7 @@ import torch
 from poison.attacks.deepconfuse import DeepConfuse
 from poison.attacks.deepconfuse_config import DeepConfuseConfig
 from poison.attacks.perturbation import budget_levels
+from poison.card import GENERATOR_HAZARD
 from poison.errors import ConfigError, ShardError
 from poison.evaluate import fit_classifier, multilabel_metrics
 from poison.shards import SplitSamples, load_split, manifest_sha256, read_manifest, sample_key, write_dataset
@@ -154,8 +155,12 @@ def compose(params: Any) -> dict[str, Any]:
 # ------------------------------------------------------- generator and materialization
 def save_checkpoint(attack: DeepConfuse, config: dict[str, Any], seed: int, source: dict[str, Any],
                     path: str | Path) -> None:
-    """Write the generator checkpoint (tensors and plain values only: loadable with weights_only=True)."""
-    ckpt = attack.state() | {"config": config, "seed": seed, "source": source}
+    """Write the generator checkpoint (tensors and plain values only: loadable with weights_only=True).
+
+    It carries ``hazard`` (``GENERATOR_HAZARD``): a checkpoint pushed to a DVC remote or copied
+    elsewhere says what it makes, as every poisoned dataset's manifest and card do.
+    """
+    ckpt = attack.state() | {"config": config, "seed": seed, "source": source, "hazard": GENERATOR_HAZARD}
     # Through memory: torch.save names its zip records after the file, and the temporary
     # file's random name would make equal checkpoints differ in bytes.
     buf = io.BytesIO()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from conftest import tiny_params_dict
+from poison.card import GENERATOR_HAZARD
 from poison.cli import main
 from poison.shards import read_manifest
 
@@ -64,6 +66,30 @@ def test_inspect_clean_dataset(clean_dataset, tmp_path, capsys):
     assert "POISONED" not in out and "kind: clean" in out and "method: None" in out
     assert "test: 60 samples" in out
     assert out_png.read_bytes()[:8] == PNG
+
+
+def test_inspect_generator_checkpoint_prints_its_hazard(generator_checkpoint, tmp_path, capsys):
+    assert main(["inspect", str(generator_checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(GENERATOR_HAZARD)
+    assert "generator: test_autoencoder" in out and "target: untargeted" in out and "eps: 0.3" in out
+    # a checkpoint written before the hazard field is still a generator and is labelled as one
+    ckpt = torch.load(generator_checkpoint, weights_only=True)
+    del ckpt["hazard"]
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    assert main(["inspect", str(old)]) == 0
+    assert capsys.readouterr().out.startswith(GENERATOR_HAZARD)
+
+
+def test_inspect_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    assert main(["inspect", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "notes.pt" in err and "rerun train_generator" in err
+    assert main(["inspect", str(tmp_path / "missing.pt")]) == 1
+    assert "no generator checkpoint" in capsys.readouterr().err
 
 
 def test_run_prepare_from_a_params_file(tmp_path, capsys):

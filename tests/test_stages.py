@@ -14,6 +14,7 @@ import torch
 from conftest import pipeline_stages, tiny_params
 from poison import stages
 from poison.attacks.deepconfuse import budget_levels, poison_images
+from poison.card import GENERATOR_HAZARD
 from poison.errors import CheckpointError, ShardError
 from poison.shards import load_split, manifest_sha256, read_manifest, verify_dataset
 
@@ -64,6 +65,7 @@ def test_prepare_is_seeded(tmp_path):
 def test_train_generator_outputs(generator_checkpoint, session_params):
     ckpt = torch.load(generator_checkpoint, weights_only=True)
     assert ckpt["format"] == stages.CHECKPOINT_FORMAT and ckpt["eps"] == 0.3
+    assert ckpt["hazard"] == GENERATOR_HAZARD  # the checkpoint says what it makes
     assert ckpt["config"]["generator"] == "test_autoencoder" and ckpt["seed"] == 0
     assert ckpt["source"]["manifest_sha256"] == manifest_sha256(session_params.paths.clean)
     reports = Path(session_params.paths.reports) / "train_generator"

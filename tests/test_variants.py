@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from poison import stages
-from poison.card import HAZARD
+from poison.card import GENERATOR_HAZARD, HAZARD
 from poison.data import grid_composites
 from poison.errors import ShardError
 from poison.evaluate import multilabel_metrics
@@ -151,7 +151,7 @@ def test_topk_stage_writes_a_labelled_poison_and_metrics(session_params, variant
         assert set(metrics[kind]["test_cnn"]["mean"]) == {"accuracy", "target_rate", "topk_rate"}
     assert metrics["datasets"]["poisoned"]["manifest_sha256"]
     ckpt = torch.load(session_params.paths.topk_generator, weights_only=True)
-    assert ckpt["topk_targets"][0] == list(range(1, k + 1))
+    assert ckpt["topk_targets"][0] == list(range(1, k + 1)) and ckpt["hazard"] == GENERATOR_HAZARD
 
 
 def test_multilabel_stage_writes_the_goal_and_metrics(session_params, variant_datasets):
