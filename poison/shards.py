@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -74,6 +75,8 @@ __all__ = [
     "dataset_card",
     "SAFE_EXTENSIONS",
 ]
+
+log = logging.getLogger(__name__)
 
 KINDS = ("clean", "poisoned", "semantic")
 
@@ -333,7 +336,7 @@ def _swap_in(staging: Path, out: Path) -> None:
     os.replace(out, trash / out.name)
     try:
         os.replace(staging, out)
-    except OSError:
+    except BaseException:  # an OSError, or Ctrl-C between the two renames
         os.replace(trash / out.name, out)  # put the previous dataset back
         raise
     finally:
@@ -341,7 +344,16 @@ def _swap_in(staging: Path, out: Path) -> None:
 
 
 def _remove_stale(out: Path) -> None:
-    """Remove staging / old folders a killed run left beside ``out`` (never the dataset itself)."""
+    """Remove staging / old folders a killed run left beside ``out`` (never the dataset itself).
+
+    A run killed inside ``_swap_in``, between moving the previous dataset aside and moving the
+    new one in, leaves no ``out`` at all: the previous dataset, complete, is put back first.
+    """
+    if not out.exists():
+        saved = [p / out.name for p in out.parent.glob(f".{out.name}.old-*") if (p / out.name / "manifest.json").is_file()]
+        if saved:
+            os.replace(max(saved, key=lambda p: p.stat().st_mtime), out)
+            log.warning("%s: restored the previous dataset that an interrupted replacement had moved aside", out)
     for pattern in (f".{out.name}.staging-*", f".{out.name}.old-*"):
         for stale in out.parent.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import tiny_params_dict
+from poison import shards
 from poison.shards import verify_dataset
 
 # Runs the `poison` CLI, SIGKILLing itself at a chosen point of the dataset write.
@@ -31,7 +32,15 @@ def die_on(name):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
     setattr(shards, name, wrapper)
-die_on(where)
+if where == "swap":  # between _swap_in's renames: the previous dataset moved aside, the new one not yet in
+    real_replace = os.replace
+    def replace(src, dst, *args, **kwargs):
+        if os.path.basename(os.fspath(src)).startswith(".") and ".staging-" in os.path.basename(os.fspath(src)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst, *args, **kwargs)
+    os.replace = replace
+else:
+    die_on(where)
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -102,3 +111,17 @@ def test_sigkill_while_replacing_keeps_the_previous_dataset(tmp_path, session_pa
     proc = _run(params, "poison", ("_add_member", 350))
     assert proc.returncode == -signal.SIGKILL
     assert _files(out) == before and verify_dataset(out) == []
+
+
+@pytest.mark.slow
+def test_sigkill_between_the_swap_renames_loses_neither_dataset(tmp_path, session_params, poisoned_dataset):
+    params, out = _params_file(tmp_path / "p", session_params, "poison")
+    assert _run(params, "poison").returncode == 0
+    before = _files(out)
+    proc = _run(params, "poison", ("swap", 0))
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+    assert not out.exists()  # killed in the window: the dataset's name is empty
+    # the next write puts the previous dataset back before sweeping the leftovers
+    shards._remove_stale(out)
+    assert _files(out) == before and verify_dataset(out) == []
+    assert [p.name for p in out.parent.iterdir()] == [out.name]

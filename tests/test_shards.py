@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -354,6 +355,38 @@ def test_exception_after_shards_before_card_leaves_no_dataset(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="card failed"):
         _write(tmp_path / "ds", {"train": _samples(9)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_between_the_swap_renames_keeps_previous_dataset(tmp_path, monkeypatch):
+    out, before = _previous(tmp_path)
+    real = os.replace
+
+    def interrupted(src, dst, *args, **kwargs):
+        if Path(src).name.startswith(".ds.staging-"):  # the previous dataset has just been moved aside
+            assert not out.exists()
+            raise KeyboardInterrupt
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _write(out, {"train": _samples(9, seed=12)})
+    monkeypatch.undo()
+    assert _files(out) == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_next_write_restores_the_dataset_a_killed_swap_moved_aside(tmp_path):
+    # the state a SIGKILL between _swap_in's two renames leaves: no `ds`, the previous one
+    # complete under .ds.old-*, the new one complete under .ds.staging-*
+    out, before = _previous(tmp_path)
+    (tmp_path / ".ds.old-x").mkdir()
+    os.replace(out, tmp_path / ".ds.old-x" / "ds")
+    (tmp_path / ".ds.staging-y").mkdir()
+    (tmp_path / ".ds.old-z").mkdir()  # an older leftover without a dataset
+    with pytest.raises(ShardError):  # a write that fails after sweeping the leftovers
+        _write(out, {"train": _samples(5, size=5), "val": _samples(2, size=6)})
+    assert _files(out) == before
+    assert _leftovers(tmp_path) == []
 
 
 def test_rewrite_replaces_previous_dataset_completely(tmp_path):

@@ -122,7 +122,13 @@ def test_poison_without_checkpoint_names_path_and_fix(clean_dataset, tmp_path):
         stages.poison(params)
     msg = str(info.value)
     assert str(tmp_path / "models" / "missing.pt") in msg and "train_generator" in msg
-    assert not (tmp_path / "poisoned").exists()
+    _assert_nothing_written(Path(params.paths.poisoned))
+
+
+def _assert_nothing_written(out: Path) -> None:
+    """Neither the dataset nor a staging folder beside it (a refused run writes nothing)."""
+    assert not out.exists()
+    assert not (out.parent.exists() and list(out.parent.glob(f".{out.name}.*")))
 
 
 def _params_with(session_params, tmp_path, **paths):
@@ -137,6 +143,7 @@ def test_poison_refuses_checkpoint_trained_for_another_eps(session_params, gener
     params = dataclasses.replace(params, train_generator=dataclasses.replace(params.train_generator, eps=0.1))
     with pytest.raises(CheckpointError, match=r"eps 0\.3.*train_generator\.eps is 0\.1"):
         stages.poison(params)
+    _assert_nothing_written(Path(params.paths.poisoned))
 
 
 def _foreign_checkpoint(path: Path, in_channels: int, image_size: int, manifest_sha: str) -> None:
@@ -157,7 +164,7 @@ def test_poison_refuses_checkpoint_for_other_image_shape(session_params, clean_d
     with pytest.raises(CheckpointError) as info:  # not a RuntimeError from deep inside a conv layer
         stages.poison(params)
     assert str(ckpt) in str(info.value)
-    assert not (tmp_path / "poisoned").exists()
+    _assert_nothing_written(Path(params.paths.poisoned))
 
 
 def test_poison_refuses_checkpoint_trained_on_another_clean_dataset(session_params, clean_dataset, tmp_path):
@@ -168,6 +175,7 @@ def test_poison_refuses_checkpoint_trained_on_another_clean_dataset(session_para
     params = _params_with(session_params, tmp_path, generator=str(ckpt))
     with pytest.raises(CheckpointError, match="train_generator"):
         stages.poison(params)
+    _assert_nothing_written(Path(params.paths.poisoned))
 
 
 def test_load_generator_refuses_bad_files(tmp_path):
