@@ -139,7 +139,9 @@ def test_colour_attributes_on_grey_data_are_refused_before_any_work(session_para
     params = dataclasses.replace(params, augment=dataclasses.replace(params.augment, attack=attack))
     with pytest.raises(ConfigError, match=r"augment.attack.attributes: \['hue'\] need colour"):
         stages.augment(params)
-    assert not Path(params.paths.augmented).exists()
+    out = Path(params.paths.augmented)
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+    assert not (Path(params.paths.reports) / "augment").exists()
 
 
 def test_default_augment_config_matches_the_algorithm_notes():

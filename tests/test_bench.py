@@ -135,10 +135,13 @@ def test_cli_bench_writes_json_and_markdown(tmp_path, capsys):
     assert rc == 0
     assert set(json.loads(out.read_text())) == {"clean", "untargeted"}
     assert "poison bench --params" in md.read_text()
-    before = out.read_bytes()
+    def snapshot():
+        return {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = snapshot()
     assert main(["bench", *common, "--untargeted", "{not json"]) == 1
     assert "--untargeted: expected a JSON object" in capsys.readouterr().err
-    assert out.read_bytes() == before  # a rejected run writes nothing
+    assert snapshot() == before  # a rejected run writes nothing: not the JSON, the Markdown or the workdir
 
 
 def test_recipes_script_scores_other_architectures_and_sklearn_models(clean_dataset, poisoned_dataset):
@@ -157,7 +160,7 @@ def test_recipes_script_scores_other_architectures_and_sklearn_models(clean_data
                                                       "random_forest, poisoned-trained", "svm_rbf, poisoned-trained"]
     assert [len(line.split(":")[1].split()) for line in lines] == [2, 2, 1]  # the SVM fits once
     bad = subprocess.run([*cmd[:2], "--arch", "nope"], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert bad.returncode != 0 and "--arch" in bad.stderr
+    assert bad.returncode != 0 and "--arch" in bad.stderr and "nope" in bad.stderr
 
 
 def test_adversarial_poison_baseline_reaches_its_target_within_budget(clean_dataset):

@@ -178,6 +178,10 @@ def test_partial_poisoning_mixes_by_index(poisoned_dataset, clean_dataset, ratio
     again = [m["poisoned"] for _, _, m in open_dataset(poisoned_dataset, ratio=ratio, clean=clean_dataset, seed=3,
                                                        with_meta=True)]
     assert again == [m["poisoned"] for _, _, m in items]
+    if 0 < ratio < 1:
+        other = [m["poisoned"] for _, _, m in open_dataset(poisoned_dataset, ratio=ratio, clean=clean_dataset, seed=4,
+                                                           with_meta=True)]
+        assert sum(other) == sum(again) and other != again
 
 
 def test_partial_poisoning_needs_the_matching_clean_set(poisoned_dataset, clean_dataset, tmp_path):

@@ -200,9 +200,22 @@ def _nested_and_overlapping_blocks():
     assert torch.get_num_threads() == before and fresh == [before]
 
 
-def test_code_fingerprint_is_stable_and_covers_the_package():
-    assert code_fingerprint() == code_fingerprint()
-    assert len(code_fingerprint()) == 64
+def test_code_fingerprint_is_stable_and_covers_the_package(tmp_path, monkeypatch):
+    import shutil
+
+    import poison.utils
+
+    original = code_fingerprint()
+    assert code_fingerprint() == original and len(original) == 64
+    copy = tmp_path / "poison"
+    shutil.copytree(Path(poison.utils.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(poison.utils, "__file__", str(copy / "utils.py"))
+    assert code_fingerprint() == original  # a copy of the package hashes like the package
+    (copy / "notes.txt").write_text("not code")
+    assert code_fingerprint() == original  # only .py files count
+    nested = copy / "attacks" / "deepconfuse.py"
+    nested.write_text(nested.read_text() + "\n# a change deep in the package\n")
+    assert code_fingerprint() != original
 
 
 # --------------------------------------------------------------------- config
@@ -317,9 +330,15 @@ def test_evaluation_cells_are_cached_on_their_inputs_and_code(prefect_harness, s
     evaluate(params_path=_params_file(other, path))
     assert len(trained) == 10 and all(t[2] == 0.02 for t in trained[6:])
 
+    import flows.evaluate
+
+    monkeypatch.setattr(flows.evaluate, "code_fingerprint", lambda: "another revision of poison/")
+    evaluate(params_path=_params_file(params, path))
+    assert len(trained) == 14 and all(t[2] == 0.01 for t in trained[10:])  # a code change trains every cell again
+
     off = dataclasses.replace(params, orchestration=OrchestrationConfig("thread", 2, cache=False))
     evaluate(params_path=_params_file(off, path))
-    assert len(trained) == 14
+    assert len(trained) == 18
 
 
 def test_committed_params_fan_out_on_threads_by_default():

@@ -79,9 +79,23 @@ def _digits(n=16):
     return ds.images[idx].float() / 255.0, ds.labels[idx]
 
 
-def test_sia_respects_ranges_and_budget_and_freezes_successes():
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny CNN fit to 64 digits (every _digits(16) and _digits(32) image among them, all classified
+    correctly), so an attack's successes are its own, not an untrained model's errors."""
+    from poison.train import TrainConfig, train_classifier
+
+    x, y = _digits(64)
+    model = train_classifier(_model(), x, y, TrainConfig(lr=0.01, epochs=20, batch_size=16),
+                             torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():
+        assert bool((model(x).argmax(1) == y).all())
+    return model
+
+
+def test_sia_respects_ranges_and_budget_and_freezes_successes(trained):
     x, y = _digits(16)
-    model = _model()
+    model = trained
     cfg = S.SIAConfig(eps=0.1, steps=5)
     before = [p.clone() for p in model.parameters()]
     r = S.sia(model, x, y, cfg, torch.Generator().manual_seed(0))
@@ -94,28 +108,30 @@ def test_sia_respects_ranges_and_budget_and_freezes_successes():
     with torch.no_grad():
         assert torch.equal(r.success, model(r.images).argmax(1) != y)
     assert bool((r.steps <= cfg.steps).all()) and bool((r.steps[~r.success] == cfg.steps).all())
+    assert bool(r.success.any()) and bool((r.steps[r.success] < cfg.steps).all())  # stopped once successful
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.requires_grad for p in model.parameters()) and not model.training
 
 
-def test_sia_is_stronger_than_its_random_start_and_seeded():
+def test_sia_is_stronger_than_its_random_start_and_seeded(trained):
     x, y = _digits(32)
-    model = _model()
+    model = trained
     cfg = S.SIAConfig(eps=0.1, steps=10)
     r1 = S.sia(model, x, y, cfg, torch.Generator().manual_seed(3))
     r2 = S.sia(model, x, y, cfg, torch.Generator().manual_seed(3))
     assert torch.equal(r1.images, r2.images) and torch.equal(r1.attributes, r2.attributes)
     start = S.sia(model, x, y, S.SIAConfig(eps=0.1, steps=1, step_scale=1e-9), torch.Generator().manual_seed(3))
-    assert int(r1.success.sum()) >= int(start.success.sum())
+    assert int(r1.success.sum()) > int(start.success.sum())
 
 
-def test_targeted_sia_reaches_the_target():
+def test_targeted_sia_reaches_the_target(trained):
     x, y = _digits(16)
-    model = _model()
+    model = trained
     t = (y + 1) % 10
     r = S.sia(model, x, y, S.SIAConfig(eps=0.2, steps=10), torch.Generator().manual_seed(0), targets=t)
     with torch.no_grad():
         assert torch.equal(r.success, model(r.images).argmax(1) == t)
+    assert float(r.success.float().mean()) >= 0.75  # 15 of 16 when written
 
 
 def test_single_attribute_attack_changes_only_that_attribute_and_no_pixels_directly():

@@ -139,7 +139,8 @@ def test_topk_stage_writes_a_labelled_poison_and_metrics(session_params, variant
     out = variant_datasets["topk"]
     m = read_manifest(out)
     assert m["kind"] == "poisoned" and m["hazard"] == HAZARD and m["method"] == "deepconfuse-ordered-topk"
-    assert HAZARD in (out / "README.md").read_text().splitlines()[0] + (out / "README.md").read_text()
+    card = (out / "README.md").read_text().splitlines()
+    assert card[0].startswith("# ⚠ POISONED DATASET") and HAZARD in "\n".join(card[:4])
     x_p, y_p, metas = load_split(out, "train")
     x, y, _ = load_split(clean_dataset, "train")
     assert torch.equal(y_p, y) and int((x_p.int() - x.int()).abs().max()) <= m["budget"]["levels"]
@@ -158,6 +159,11 @@ def test_multilabel_stage_writes_the_goal_and_metrics(session_params, variant_da
     out = variant_datasets["multilabel"]
     m = read_manifest(out)
     assert m["kind"] == "poisoned" and m["label_type"] == "multi_label" and m["config"]["flip_labels"] == [0]
+    assert m["hazard"] == HAZARD
+    card = (out / "README.md").read_text().splitlines()
+    assert card[0].startswith("# ⚠ POISONED DATASET") and HAZARD in "\n".join(card[:4])
+    ckpt = torch.load(session_params.paths.multilabel_generator, weights_only=True)
+    assert ckpt["hazard"] == GENERATOR_HAZARD and ckpt["multi_label"]
     _, y, metas = load_split(out, "train")
     for row, meta in zip(y.tolist(), metas):
         assert meta["target"] == [1 - row[0], *row[1:]]  # label 0 flipped, the others kept
