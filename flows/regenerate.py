@@ -14,6 +14,7 @@ copy taken at the start (params.yaml and code are never touched).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,7 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
     if reports.is_dir():
         shutil.copytree(reports, backup / "reports")
     out: dict[str, Any] = {"repo": str(root), "pulled": False, "pushed": False, "commit": None, "tag": None}
+    keep_backup = False
     try:
         if pull_first:
             pull(root)
@@ -95,7 +97,7 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
         if push_after:
             push(root)
             out["pushed"] = True
-    except BaseException:
+    except BaseException as exc:
         log.error("regenerate failed: restoring the lock files and the outputs they record")
         for lock in LOCK_FILES:  # a lock file the failed run created is removed
             if lock in saved:
@@ -103,13 +105,21 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
             else:
                 (root / lock).unlink(missing_ok=True)
         if saved:
-            subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force"], cwd=root, capture_output=True)
-        if (backup / "reports").is_dir():
-            shutil.rmtree(reports, ignore_errors=True)
-            shutil.copytree(backup / "reports", reports)
+            rc = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force"], cwd=root,
+                                capture_output=True).returncode
+            if rc != 0:
+                exc.add_note(f"restoring: `dvc checkout --force` failed (exit {rc}), so the outputs may not match the "
+                             f"restored lock files; run `dvc checkout --force` in {root}")
+        try:
+            _restore_reports(backup / "reports", reports)
+        except Exception as failed:
+            keep_backup = True
+            exc.add_note(f"restoring: {reports} could not be put back ({failed}); the copy from before the run is "
+                         f"{backup / 'reports'}")
         raise
     finally:
-        shutil.rmtree(backup, ignore_errors=True)
+        if not keep_backup:
+            shutil.rmtree(backup, ignore_errors=True)
     if git_commit or tag:
         out["commit"] = commit(root, tag)
         out["tag"] = tag
@@ -118,6 +128,30 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
     lines += ["", "```", *out["repro"], "```"]
     create_markdown_artifact(key="regenerate", markdown="\n".join(lines), description="what dvc repro did")
     return out
+
+
+def _restore_reports(saved: Path, reports: Path) -> None:
+    """Put ``reports`` back as ``saved`` holds it, by renames (no ``saved``: there were none; remove the new ones).
+
+    The copy is made beside ``reports`` first, so a failure midway leaves the failed run's
+    reports in place and ``saved`` intact, never a half-copied folder under the name.
+    """
+    trash = Path(tempfile.mkdtemp(prefix=f".{reports.name}.old-", dir=reports.parent)) if reports.exists() else None
+    try:
+        if saved.is_dir():
+            fresh = Path(tempfile.mkdtemp(prefix=f".{reports.name}.restore-", dir=reports.parent))
+            try:
+                shutil.copytree(saved, fresh / reports.name)
+                if trash is not None:
+                    os.replace(reports, trash / reports.name)
+                os.replace(fresh / reports.name, reports)
+            finally:
+                shutil.rmtree(fresh, ignore_errors=True)
+        elif trash is not None:
+            os.replace(reports, trash / reports.name)
+    finally:
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def _options(p: argparse.ArgumentParser) -> None:

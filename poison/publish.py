@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 from poison.errors import ShardError
 from poison.card import dataset_card
 from poison.shard_reader import check_shard_bytes, parse_manifest, read_manifest, shard_name, verify_dataset
+from poison.shards import _remove_stale, _swap_in  # the dataset folder swap, shared with published copies
 from poison.stores import LocalStore, Store, open_store
 from poison.utils import canonical_json, sha256_bytes, sha256_file
 
@@ -178,17 +179,15 @@ def _publish_to_folder(dest: LocalStore, files: Sequence[tuple[str, Callable[[],
         raise PublishError(f"{final}: exists and is not a published version (no manifest.json); move it away "
                            "or publish under another version")
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale(final)  # a killed copy's staging folder; a copy a killed swap moved aside goes back first
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     try:
         for name, read in files:
             (staging / name).write_bytes(read())
             os.chmod(staging / name, 0o644)
-        os.chmod(staging, 0o755)
-        if final.exists():  # same manifest, files missing or damaged: replace that copy
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        # same manifest with files missing or damaged: the earlier copy is replaced by renames (as a
+        # dataset is), never deleted first, so no kill leaves a manifest beside a partial set of shards
+        _swap_in(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -257,9 +256,14 @@ def evaluate_metrics(params: Any, repo: str | os.PathLike[str] = ".") -> dict[st
     """Return the evaluate stage's metrics.json, or None when it has not run."""
     path = Path(repo) / params.paths.reports / "evaluate" / "metrics.json"
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError as exc:
+        metrics = json.loads(path.read_bytes()) if path.is_file() else None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise PublishError(f"{path}: not valid JSON ({exc}); rerun the evaluate stage (`dvc repro`)") from None
+    if metrics is not None and not (isinstance(metrics, dict) and isinstance(metrics.get("datasets", {}), dict)
+                                    and all(isinstance(d, dict) for d in metrics.get("datasets", {}).values())):
+        raise PublishError(f"{path}: not the evaluate stage's metrics (expected an object whose 'datasets' maps each "
+                           "role to an object); rerun the evaluate stage (`dvc repro`)")
+    return metrics
 
 
 def publish(params: Any, *, repo: str | os.PathLike[str] = ".", push: bool | None = None,

@@ -72,13 +72,42 @@ def parse_manifest(data: bytes | str, where: str) -> dict[str, Any]:
             f"{where}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}; "
             "regenerate it with this version of poison"
         )
-    missing = sorted({"dataset", "kind", "image", "classes", "splits", "shards", "seed", "package"} - set(manifest))
+    missing = sorted({"dataset", "kind", "image", "classes", "splits", "shards", "seed", "package", "totals"}
+                     - set(manifest))
     if missing:
         raise ShardError(f"{where}: missing keys {missing}; the manifest is incomplete: regenerate the dataset")
     if not isinstance(manifest["dataset"], str) or not DATASET_NAME.match(manifest["dataset"]):
         raise ShardError(f"{where}: dataset name {manifest['dataset']!r} is not a plain folder name (letters, digits, "
                          "'.', '_', '-'); the manifest is corrupt or tampered with")
+    _check_structure(manifest, where)
     return manifest
+
+
+def _fields(value: Any, types: dict[str, type], where: str, key: str) -> None:
+    """Refuse ``value`` unless it is a JSON object with each of ``types``' keys of that type."""
+    if not isinstance(value, dict):
+        raise ShardError(f"{where}: {key} is {type(value).__name__}, expected an object; the manifest is corrupt or "
+                         "tampered with: regenerate or re-fetch the dataset")
+    for name, kind in types.items():
+        v = value.get(name)
+        if not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0):
+            raise ShardError(f"{where}: {key}.{name} is {v!r}, expected {'an integer >= 0' if kind is int else 'a string'}; "
+                             "the manifest is corrupt or tampered with: regenerate or re-fetch the dataset")
+
+
+def _check_structure(manifest: dict[str, Any], where: str) -> None:
+    """The nested fields readers index (image size, split and shard records, totals), typed."""
+    _fields(manifest["image"], {"channels": int, "height": int, "width": int}, where, "image")
+    if not isinstance(manifest["splits"], dict):
+        _fields(manifest["splits"], {}, where, "splits")
+    for split, info in manifest["splits"].items():
+        _fields(info, {"samples": int}, where, f"splits.{split}")
+    if not isinstance(manifest["shards"], list):
+        raise ShardError(f"{where}: shards is {type(manifest['shards']).__name__}, expected a list; the manifest is "
+                         "corrupt or tampered with: regenerate or re-fetch the dataset")
+    for i, rec in enumerate(manifest["shards"]):
+        _fields(rec, {"file": str, "split": str, "samples": int, "bytes": int, "sha256": str}, where, f"shards[{i}]")
+    _fields(manifest["totals"], {"samples": int, "shards": int, "bytes": int}, where, "totals")
 
 
 def manifest_sha256(dataset_dir: str | os.PathLike[str]) -> str:
@@ -260,7 +289,15 @@ def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: in
         "meta": meta,
     }
     if "delta.npy" in sample:
-        out["delta"] = torch.from_numpy(np.load(io.BytesIO(sample["delta.npy"]), allow_pickle=False).astype(np.float32))
+        try:
+            delta = np.load(io.BytesIO(sample["delta.npy"]), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # garbage, or a pickled object array (refused)
+            raise ShardError(f"{url}: sample {key!r}: delta.npy does not load as a plain array ({exc}); "
+                             "the shard is corrupt or tampered with: regenerate or re-fetch the dataset") from exc
+        if not isinstance(delta, np.ndarray) or delta.shape != arr.shape or delta.dtype.kind != "f":
+            raise ShardError(f"{url}: sample {key!r}: delta.npy is not a float array of the image's shape "
+                             f"{arr.shape}; the shard is corrupt or tampered with: regenerate or re-fetch the dataset")
+        out["delta"] = torch.from_numpy(delta.astype(np.float32))
     return out
 
 

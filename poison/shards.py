@@ -340,7 +340,8 @@ def _swap_in(staging: Path, out: Path) -> None:
         os.replace(trash / out.name, out)  # put the previous dataset back
         raise
     finally:
-        shutil.rmtree(trash, ignore_errors=True)
+        if out.exists():  # else the restore failed too: leave the previous dataset for _remove_stale
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def _remove_stale(out: Path) -> None:

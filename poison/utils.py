@@ -125,7 +125,10 @@ def update_json(path: str | os.PathLike[str], update: Callable[[dict], dict], in
     try:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
-        current = json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            current = json.loads(path.read_bytes()) if path.is_file() else {}
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{path}: not valid JSON ({exc}); move the file away or pass another output path") from None
         if not isinstance(current, dict):
             raise ValueError(f"{path}: expected a JSON object of results, got {type(current).__name__}; "
                              "move the file away or pass another output path")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -74,3 +75,48 @@ def test_prepare_flow_runs_in_process(prefect_harness, tmp_path):
     clean = tmp_path / "data" / "shards" / "mnist5k"
     assert result == {"path": str(clean), "splits": {"train": 210, "val": 30, "test": 60}}
     assert read_manifest(clean)["kind"] == "clean" and verify_dataset(clean) == []
+
+
+# ------------------------------------------------------------- regenerate's rollback of reports/
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _reports_pair(tmp_path: Path) -> tuple[Path, Path]:
+    saved, reports = tmp_path / "backup" / "reports", tmp_path / "repo" / "reports"
+    (saved / "evaluate").mkdir(parents=True)
+    (saved / "evaluate" / "metrics.json").write_text('{"before": 1}')
+    (reports / "evaluate").mkdir(parents=True)
+    (reports / "evaluate" / "metrics.json").write_text('{"failed run": 1}')
+    (reports / "topk").mkdir()
+    (reports / "topk" / "metrics.json").write_text("{}")
+    return saved, reports
+
+
+def test_regenerate_restores_reports_by_renames(tmp_path):
+    from flows.regenerate import _restore_reports
+
+    saved, reports = _reports_pair(tmp_path)
+    _restore_reports(saved, reports)
+    assert _tree(reports) == _tree(saved) == {"evaluate/metrics.json": b'{"before": 1}'}
+    assert [p.name for p in reports.parent.iterdir()] == ["reports"]  # no hidden leftovers
+    _restore_reports(tmp_path / "none", reports)  # there were no reports before the run: none after
+    assert not reports.exists() and list(reports.parent.iterdir()) == []
+
+
+def test_regenerate_keeps_the_failed_runs_reports_when_the_copy_fails(tmp_path, monkeypatch):
+    import shutil
+
+    from flows.regenerate import _restore_reports
+
+    saved, reports = _reports_pair(tmp_path)
+    before, backup = _tree(reports), _tree(saved)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copytree", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        _restore_reports(saved, reports)
+    assert _tree(reports) == before and _tree(saved) == backup  # nothing half-copied under the name
+    assert [p.name for p in reports.parent.iterdir()] == ["reports"]

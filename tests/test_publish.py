@@ -173,3 +173,39 @@ def test_a_damaged_published_copy_is_replaced_and_a_foreign_folder_is_kept(datas
     with pytest.raises(pub.PublishError, match="is not a published version"):
         pub.publish_dataset(dataset, tmp_path / "pub", version="v2")
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_an_interrupted_repair_keeps_the_earlier_copy_and_the_next_publish_repairs_it(dataset, tmp_path, monkeypatch):
+    import os
+
+    r = pub.publish_dataset(dataset, tmp_path / "pub", version="v1")
+    out = Path(r["url"])
+    shard = out / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:100])
+    damaged = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = os.replace
+
+    def interrupted(src, dst, *args, **kwargs):
+        if Path(src).name.startswith(".v1.staging-"):  # the earlier copy has just been moved aside
+            raise KeyboardInterrupt
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pub.publish_dataset(dataset, tmp_path / "pub", version="v1")
+    monkeypatch.undo()
+    # never a manifest beside a partial set of shards: the earlier copy, as it was
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == damaged
+    assert [p.name for p in out.parent.iterdir()] == ["v1"]
+    assert pub.publish_dataset(dataset, tmp_path / "pub", version="v1")["published"]
+    assert shard.read_bytes() == (dataset / "train-000001.tar").read_bytes()
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe binary", b'{"datasets": []}', b'{"datasets": {"poisoned": 3}}'])
+def test_damaged_evaluate_metrics_are_a_publish_error_naming_the_file(tmp_path, content):
+    params = from_dict(Params, tiny_params_dict(tmp_path))
+    path = tmp_path / params.paths.reports / "evaluate" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(pub.PublishError, match=r"metrics\.json.*rerun the evaluate stage"):
+        pub.evaluate_metrics(params, repo=tmp_path)

@@ -173,6 +173,58 @@ def test_read_manifest_errors(tmp_path, dataset):
         read_manifest(dataset)
 
 
+@pytest.mark.parametrize("edit, key", [
+    (lambda m: m["shards"][0].pop("bytes"), r"shards\[0\]\.bytes is None"),
+    (lambda m: m["shards"][1].update(samples="3"), r"shards\[1\]\.samples is '3'"),
+    (lambda m: m.update(shards={"a": 1}), "shards is dict, expected a list"),
+    (lambda m: m["image"].pop("width"), r"image\.width is None"),
+    (lambda m: m["splits"].update(test=[]), r"splits\.test is list"),
+    (lambda m: m.pop("totals"), r"missing keys \['totals'\]"),
+    (lambda m: m["totals"].update(samples=-1), r"totals\.samples is -1"),
+])
+def test_a_manifest_with_damaged_nested_fields_is_refused_by_name(dataset, capsys, edit, key):
+    m = json.loads((dataset / "manifest.json").read_text())
+    edit(m)
+    (dataset / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match=key) as info:
+        read_manifest(dataset)
+    assert "manifest.json" in str(info.value) and "regenerate" in str(info.value)
+    from poison.cli import main
+
+    assert main(["verify", str(dataset)]) == 1  # an error, not a traceback
+    assert "manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("payload", [
+    b"not an npy file",
+    b"pickled",  # replaced below by an object array, which np.load refuses without allow_pickle
+    b"wrong shape",
+])
+def test_a_damaged_delta_member_is_a_shard_error_naming_the_shard(tmp_path, payload):
+    out = tmp_path / "ds"
+    _write(out, {"train": _samples(2, deltas=True)})
+    shard = out / "train-000000.tar"
+    if payload == b"pickled":
+        buf = io.BytesIO()
+        np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+        payload = buf.getvalue()
+    elif payload == b"wrong shape":
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((2, 2), dtype=np.float16))
+        payload = buf.getvalue()
+    members = []
+    with tarfile.open(shard) as tar:
+        for info in tar.getmembers():
+            data = tar.extractfile(info).read()
+            members.append((info, payload if info.name.endswith("00000000.delta.npy") else data))
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ShardError, match=r"train-000000\.tar.*train_00000000.*delta\.npy"):
+        list(iter_samples(out, "train", verify=False))
+
+
 # ------------------------------------------------------------------ card
 def test_poisoned_card_starts_with_warning(tmp_path):
     m = _write(tmp_path / "p", {"train": _samples(3)}, kind="poisoned", method="deepconfuse",

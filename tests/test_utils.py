@@ -80,6 +80,11 @@ def test_update_json_failure_leaves_the_file_and_names_a_bad_one(tmp_path):
     path.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match="runs.json: expected a JSON object"):
         update_json(path, lambda r: r)
+    for damaged in (b'{"a": 1', b"\xff\xfe\x00binary"):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match="runs.json: not valid JSON"):
+            update_json(path, lambda r: r)
+        assert path.read_bytes() == damaged
 
 
 def test_update_json_without_flock_still_writes_atomically(tmp_path, monkeypatch):
