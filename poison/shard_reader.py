@@ -175,7 +175,7 @@ def _tar_samples(source: Path | bytes, where: str | None = None) -> Iterator[dic
     current: dict[str, Any] | None = None
     for name, data in members:
         if "/" in name or "." not in name:
-            raise ShardError(f"{where}: member name {name!r} is not '<key>.<ext>'; refusing this shard")
+            raise ShardError(f"{where}: member name {name!r} is not '<key>.<ext>'; refusing this shard: regenerate or re-fetch the dataset")
         key, ext = name.split(".", 1)
         if current is None or current["__key__"] != key:
             if current is not None:
@@ -195,7 +195,7 @@ def _tarfile_members(source: Path | bytes, where: str) -> Iterator[tuple[str, by
         with tar:
             for info in tar:
                 if not info.isfile():
-                    raise ShardError(f"{where}: member {info.name!r} is not a regular file; refusing this shard")
+                    raise ShardError(f"{where}: member {info.name!r} is not a regular file; refusing this shard: regenerate or re-fetch the dataset")
                 fh = tar.extractfile(info)
                 yield info.name, (fh.read() if fh is not None else b"")
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -233,7 +233,7 @@ def _ustar_members(data: bytes, where: str) -> list[tuple[str, bytes]] | None:
         if header[257:262] == b"ustar" and header[345:346] != b"\0":
             name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
         if kind not in (b"0", b"\0"):
-            raise ShardError(f"{where}: member {name!r} is not a regular file; refusing this shard")
+            raise ShardError(f"{where}: member {name!r} is not a regular file; refusing this shard: regenerate or re-fetch the dataset")
         start = pos + 512
         if start + size > n:
             raise ShardError(bad.format(f"member {name!r} is cut short"))
@@ -255,15 +255,17 @@ def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: in
     if unsafe:
         raise ShardError(
             f"{url}: sample {key!r} has member(s) {unsafe}; only {sorted(SAFE_EXTENSIONS)} are read "
-            "(pickle-like members can run code). Refusing this dataset."
+            "(pickle-like members can run code). Refusing this dataset: regenerate it with poison, or re-fetch it."
         )
     for need in ("png", "json") if multi_label else ("png", "cls"):
         if need not in sample:
-            raise ShardError(f"{url}: sample {key!r} lacks its {need!r} member")
+            raise ShardError(f"{url}: sample {key!r} lacks its {need!r} member; the shard is corrupt or not of this "
+                             "manifest: regenerate or re-fetch the dataset")
     try:
         with Image.open(io.BytesIO(sample["png"])) as img:
             if img.format != "PNG" or img.mode not in ("L", "RGB"):
-                raise ShardError(f"{url}: sample {key!r}: expected an 8-bit L or RGB PNG, got {img.format} {img.mode}")
+                raise ShardError(f"{url}: sample {key!r}: expected an 8-bit L or RGB PNG, got {img.format} {img.mode}; "
+                                 "regenerate or re-fetch the dataset")
             arr = np.array(img)  # a copy: PIL buffers are read-only
         if multi_label:
             record = json.loads(sample["json"])
@@ -280,7 +282,8 @@ def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: in
     except ShardError:
         raise
     except (OSError, ValueError) as exc:
-        raise ShardError(f"{url}: sample {key!r} does not decode ({exc}); the shard is corrupt") from exc
+        raise ShardError(f"{url}: sample {key!r} does not decode ({exc}); the shard is corrupt: regenerate or "
+                         "re-fetch the dataset") from exc
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     out = {
         "key": key,
@@ -357,10 +360,11 @@ def _checked_samples(raw_samples: Iterator[dict[str, Any]], rec: dict[str, Any],
         sample = _decode(raw, url, meta, multi_label)
         if tuple(sample["image"].shape) != shape:
             raise ShardError(f"{url}: sample {sample['key']!r} has shape {tuple(sample['image'].shape)}, "
-                             f"the manifest says {shape}; the dataset is inconsistent")
+                             f"the manifest says {shape}; the dataset is inconsistent: regenerate or re-fetch it")
         yield sample
     if count != rec["samples"]:
-        raise ShardError(f"{url}: {count} samples, manifest says {rec['samples']}; the shard is damaged")
+        raise ShardError(f"{url}: {count} samples, manifest says {rec['samples']}; the shard is damaged: regenerate "
+                         "or re-fetch the dataset")
 
 
 def load_split(dataset_dir: str | os.PathLike[str], split: str, verify: bool = True

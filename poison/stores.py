@@ -136,13 +136,20 @@ class HttpStore(Store):
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 length = resp.headers.get("Content-Length")
-                return int(length) if length is not None else -1
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None
-            raise ShardError(f"{self.join(name)}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise ShardError(f"{self.join(name)}: cannot reach the server ({getattr(exc, 'reason', exc)})") from None
+            raise ShardError(f"{self.join(name)}: HTTP {exc.code} {exc.reason}; check the prefix (it should hold "
+                             "manifest.json and the shards)") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise ShardError(f"{self.join(name)}: cannot reach the server ({getattr(exc, 'reason', exc)}); check the "
+                             "URL and the network") from None
+        if length is None:
+            return -1
+        if not length.strip().isdigit():
+            raise ShardError(f"{self.join(name)}: the server sent Content-Length {length!r}, not a byte count; "
+                             "check the server")
+        return int(length)
 
     def child(self, *parts: str) -> "HttpStore":
         return HttpStore("/".join([self.url, *(p.strip("/") for p in parts)]), self.timeout)
@@ -156,7 +163,7 @@ class S3Store(Store):
     def __init__(self, url: str, endpoint_url: str | None = None, fs=None):
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
-            raise ShardError(f"{url}: expected s3://bucket/prefix")
+            raise ShardError(f"{url}: expected s3://bucket/prefix; give the bucket and the dataset's prefix")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
@@ -199,7 +206,8 @@ class S3Store(Store):
         if "Could not connect" in text or "ConnectTimeout" in text or "EndpointConnection" in text:
             return ShardError(f"{url}: cannot reach the S3 endpoint {endpoint} ({exc}); check endpoint_url / "
                               "AWS_ENDPOINT_URL and the network")
-        return ShardError(f"{url}: S3 request to {endpoint} failed ({text})")
+        return ShardError(f"{url}: S3 request to {endpoint} failed ({text}); check the bucket, prefix, credentials "
+                          "and endpoint_url")
 
     def _call(self, name: str, fn, *args):
         fs = self.fs  # first: without s3fs this raises the "pip install 'poison[s3]'" error

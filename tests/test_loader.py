@@ -322,3 +322,26 @@ def test_a_failed_dvc_fetch_leaves_no_temporary_folder(tmp_path, monkeypatch):
     with pytest.raises(ShardError, match="dvc get` failed"):
         open_dataset("data/x", repo=str(tmp_path / "no-such-repo"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_http_size_refuses_a_content_length_that_is_not_a_byte_count():
+    from poison.stores import HttpStore
+
+    class Lying(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "lots")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Lying)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        store = HttpStore(f"http://127.0.0.1:{server.server_address[1]}/ds", timeout=10)
+        with pytest.raises(ShardError, match=r"/ds/train-000000\.tar: the server sent Content-Length 'lots'"):
+            store.size("train-000000.tar")
+    finally:
+        server.shutdown()
+        server.server_close()
