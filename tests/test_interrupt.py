@@ -103,23 +103,25 @@ def test_sigkill_midway_then_rerun_is_byte_identical(tmp_path, session_params, p
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # the rerun swept the leftovers
 
 
-@pytest.mark.slow
-def test_sigkill_while_replacing_keeps_the_previous_dataset(tmp_path, session_params, poisoned_dataset):
+def _killed_rewrite(tmp_path: Path, session_params, kill: tuple[str, int]) -> tuple[Path, dict[str, bytes]]:
+    """Write the poisoned dataset, then rewrite it in a run SIGKILLed at ``kill``; return it and its files before."""
     params, out = _params_file(tmp_path / "p", session_params, "poison")
     assert _run(params, "poison").returncode == 0
     before = _files(out)
-    proc = _run(params, "poison", ("_add_member", 350))
-    assert proc.returncode == -signal.SIGKILL
+    proc = _run(params, "poison", kill)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+    return out, before
+
+
+@pytest.mark.slow
+def test_sigkill_while_replacing_keeps_the_previous_dataset(tmp_path, session_params, poisoned_dataset):
+    out, before = _killed_rewrite(tmp_path, session_params, ("_add_member", 350))
     assert _files(out) == before and verify_dataset(out) == []
 
 
 @pytest.mark.slow
 def test_sigkill_between_the_swap_renames_loses_neither_dataset(tmp_path, session_params, poisoned_dataset):
-    params, out = _params_file(tmp_path / "p", session_params, "poison")
-    assert _run(params, "poison").returncode == 0
-    before = _files(out)
-    proc = _run(params, "poison", ("swap", 0))
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+    out, before = _killed_rewrite(tmp_path, session_params, ("swap", 0))
     assert not out.exists()  # killed in the window: the dataset's name is empty
     # the next write puts the previous dataset back before sweeping the leftovers
     shards._remove_stale(out)
