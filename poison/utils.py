@@ -23,6 +23,7 @@ from poison.errors import ConfigError
 
 __all__ = [
     "resolve_device",
+    "cpu_has_bfloat16",
     "make_generator",
     "derive_seed",
     "atomic_write_bytes",
@@ -50,6 +51,31 @@ def resolve_device(name: str = "auto") -> torch.device:
             "but CUDA is not available; set device: auto or cpu in params.yaml"
         )
     return device
+
+
+#: /proc/cpuinfo flags of bfloat16 instructions: x86 (AVX-512 BF16, AMX) and Arm (FEAT_BF16).
+BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_has_bfloat16(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU has bfloat16 instructions; None where that cannot be read (not Linux).
+
+    Without them torch's bfloat16 autocast emulates the arithmetic: one DeepConfuse step pair
+    measured 2x slower than float32 with AVX-512 alone and 8-15x slower with AVX2
+    (BENCHMARKS.md section 3), so ``precision: bfloat16`` only pays where this is True.
+    """
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return not BFLOAT16_CPU_FLAGS.isdisjoint(flags)
 
 
 def derive_seed(seed: int, *names: str | int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import math
 
 import pytest
@@ -477,6 +478,19 @@ def test_precision_autocasts_the_training_steps_only(tiny_data, monkeypatch, pre
     if on:  # a different (lower-precision) trajectory, not the float32 one relabelled
         ref = _fit(tiny_data, trials=2).generator.state_dict()
         assert not all(torch.equal(ref[k], v) for k, v in attack.generator.state_dict().items())
+
+
+@pytest.mark.parametrize(("precision", "has_bf16", "warned"), [
+    ("bfloat16", False, True), ("bfloat16", True, False), ("bfloat16", None, False), ("float32", False, False)])
+def test_bfloat16_without_cpu_support_warns_with_the_fix(tiny_data, monkeypatch, caplog, precision, has_bf16, warned):
+    # emulated bfloat16 trains 2-15x slower than float32 (BENCHMARKS.md 3): say so, and name the key to set
+    monkeypatch.setattr(deepconfuse, "cpu_has_bfloat16", lambda: has_bf16)
+    with caplog.at_level(logging.WARNING, logger="poison.attacks.deepconfuse"):
+        _fit(tiny_data, trials=1, precision=precision)
+    messages = [r.getMessage() for r in caplog.records if "bfloat16 instructions" in r.getMessage()]
+    assert len(messages) == int(warned)
+    if warned:
+        assert "set precision: float32" in messages[0] and "train_generator.precision" in messages[0]
 
 
 def test_precision_rejects_other_dtypes_naming_the_key():

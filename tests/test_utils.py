@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from poison.errors import PoisonError
-from poison.utils import atomic_path, atomic_write_json, canonical_json, derive_seed, make_generator, resolve_device
+from poison.utils import (atomic_path, atomic_write_json, canonical_json, cpu_has_bfloat16, derive_seed, make_generator,
+                          resolve_device)
 
 
 def test_derive_seed_is_stable_distinct_and_63_bit():
@@ -94,3 +95,18 @@ def test_update_json_without_flock_still_writes_atomically(tmp_path, monkeypatch
     path = tmp_path / "runs.json"
     utils.update_json(path, lambda r: r | {"a": 1})
     assert utils.update_json(path, lambda r: r | {"b": 2}) == {"a": 1, "b": 2} == json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n", True),  # x86 with AVX-512 BF16
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 amx_bf16\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512_vnni\n", False),  # AVX-512, no bf16
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm FEAT_BF16
+    ("processor\t: 0\nFeatures\t: fp asimd crc32\n", False),
+    ("processor\t: 0\nmodel name\t: something\n", None),  # no flags line: unknown, not "absent"
+])
+def test_cpu_has_bfloat16_reads_the_instruction_flags(tmp_path, text, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    assert cpu_has_bfloat16(cpuinfo) is expected
+    assert cpu_has_bfloat16(tmp_path / "missing") is None  # not Linux: unknown

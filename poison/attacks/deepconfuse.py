@@ -44,7 +44,7 @@ from poison.attacks.perturbation import budget_levels, perturb, poison_images, q
 from poison.errors import ConfigError
 from poison.models import create_generator
 from poison.train import build_model, predict, to_float, train_classifier
-from poison.utils import GLOBAL_RNG_LOCK, derive_seed, make_generator
+from poison.utils import GLOBAL_RNG_LOCK, cpu_has_bfloat16, derive_seed, make_generator
 
 __all__ = [
     "DeepConfuseConfig",
@@ -186,6 +186,10 @@ class DeepConfuse:
             train_images, val_images: (N, C, H, W) uint8
             train_labels, val_labels: (N,) int64, or (N, L) in {0, 1} for a multi-label model
         """
+        if self.config.precision == "bfloat16" and self.device.type == "cpu" and cpu_has_bfloat16() is False:
+            log.warning("precision: bfloat16 on a CPU without bfloat16 instructions: autocast emulates them and "
+                        "trains 2-15x slower than float32 (BENCHMARKS.md section 3); set precision: float32 "
+                        "(train_generator.precision in params.yaml)")
         if self.config.restarts == 1:
             return self._fit_one(train_images, train_labels, val_images, val_labels, on_trial)
         curve: list[TrialRecord] = []

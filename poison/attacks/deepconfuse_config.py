@@ -28,8 +28,9 @@ each a keyword of ``DeepConfuseConfig``:
   four pairs the kept generator averaged 1.94% (A) / 1.98% (B20) clean test accuracy against
   2.18 / 2.01 for one run over eight (4.10, 4.12), at R times the training time.
 - ``precision="bfloat16"``: run the unrolled generator step and the victim step under bfloat16
-  autocast (faster on CPUs with bf16 instructions and on GPUs); the validation victim that picks
-  the kept generator, and every poison stored, stay float32.
+  autocast (faster on CPUs with bf16 instructions and on GPUs; on a CPU without them autocast
+  emulates bfloat16, 2-15x slower than float32, and ``fit`` warns); the validation victim that
+  picks the kept generator, and every poison stored, stay float32.
 - ``target="ordered_topk"`` [adapt] (Zhang & Wu, "Adversarial Distillation for Ordered Top-k
   Attacks", arXiv 1905.10695; ALGORITHMS.md section 2): the generator step minimises
   KL(P_t(y) || softmax(f_theta'(x))), P the adversarial-distillation distribution of the
