@@ -34,9 +34,8 @@ from typing import Any, Callable, Sequence
 from poison.errors import ShardError
 from poison.card import dataset_card
 from poison.shard_reader import check_shard_bytes, parse_manifest, read_manifest, shard_name, verify_dataset
-from poison.shards import _remove_stale, _swap_in  # the dataset folder swap, shared with published copies
 from poison.stores import LocalStore, Store, open_store
-from poison.utils import canonical_json, sha256_bytes, sha256_file
+from poison.utils import canonical_json, remove_stale_folders, sha256_bytes, sha256_file, swap_in_folder
 
 __all__ = ["publish", "verify_all", "evaluate_metrics", "publish_dataset", "wids_index", "card_metrics", "dvc_push", "PublishError", "default_version"]
 
@@ -179,7 +178,7 @@ def _publish_to_folder(dest: LocalStore, files: Sequence[tuple[str, Callable[[],
         raise PublishError(f"{final}: exists and is not a published version (no manifest.json); move it away "
                            "or publish under another version")
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(final)  # a killed copy's staging folder; a copy a killed swap moved aside goes back first
+    remove_stale_folders(final)  # a killed copy's staging folder; a copy a killed swap moved aside goes back first
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     try:
         for name, read in files:
@@ -187,7 +186,7 @@ def _publish_to_folder(dest: LocalStore, files: Sequence[tuple[str, Callable[[],
             os.chmod(staging / name, 0o644)
         # same manifest with files missing or damaged: the earlier copy is replaced by renames (as a
         # dataset is), never deleted first, so no kill leaves a manifest beside a partial set of shards
-        _swap_in(staging, final)
+        swap_in_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -50,7 +50,7 @@ from poison.shard_reader import (  # noqa: F401  (re-exported: the reading API)
     shard_name,
     verify_dataset,
 )
-from poison.utils import atomic_path, canonical_json, git_revision, sha256_file
+from poison.utils import atomic_path, canonical_json, git_revision, remove_stale_folders, sha256_file, swap_in_folder
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -255,7 +255,7 @@ def open_staging(out_dir: str | os.PathLike[str], dataset: str, kind: str) -> Pa
                          "rename the output folder in params.yaml's paths")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
+    remove_stale_folders(out)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
 
 
@@ -320,41 +320,8 @@ def finish_dataset(
         (staging / "manifest.json").write_text(canonical_json(manifest))
         repo_path = out.as_posix() if not out.is_absolute() else None
         (staging / "README.md").write_text(dataset_card(manifest, metrics, repo_path=repo_path))
-        _swap_in(staging, out)
+        swap_in_folder(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return manifest
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    os.chmod(staging, 0o755)
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, trash / out.name)
-    try:
-        os.replace(staging, out)
-    except BaseException:  # an OSError, or Ctrl-C between the two renames
-        os.replace(trash / out.name, out)  # put the previous dataset back
-        raise
-    finally:
-        if out.exists():  # else the restore failed too: leave the previous dataset for _remove_stale
-            shutil.rmtree(trash, ignore_errors=True)
-
-
-def _remove_stale(out: Path) -> None:
-    """Remove staging / old folders a killed run left beside ``out`` (never the dataset itself).
-
-    A run killed inside ``_swap_in``, between moving the previous dataset aside and moving the
-    new one in, leaves no ``out`` at all: the previous dataset, complete, is put back first.
-    """
-    if not out.exists():
-        saved = [p / out.name for p in out.parent.glob(f".{out.name}.old-*") if (p / out.name / "manifest.json").is_file()]
-        if saved:
-            os.replace(max(saved, key=lambda p: p.stat().st_mtime), out)
-            log.warning("%s: restored the previous dataset that an interrupted replacement had moved aside", out)
-    for pattern in (f".{out.name}.staging-*", f".{out.name}.old-*"):
-        for stale in out.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)

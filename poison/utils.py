@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -30,6 +32,8 @@ __all__ = [
     "atomic_write_json",
     "update_json",
     "atomic_path",
+    "swap_in_folder",
+    "remove_stale_folders",
     "sha256_file",
     "sha256_bytes",
     "git_revision",
@@ -38,6 +42,8 @@ __all__ = [
     "GLOBAL_RNG_LOCK",
     "code_fingerprint",
 ]
+
+_log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -119,6 +125,46 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def swap_in_folder(staging: Path, out: Path) -> None:
+    """Replace the folder ``out`` with the complete folder ``staging`` (same parent), by renames.
+
+    The previous ``out`` is moved aside first and put back if the second rename fails or is
+    interrupted (any exception, Ctrl-C too). A process killed between the renames leaves it
+    moved aside as ``.<name>.old-*/<name>``, where ``remove_stale_folders`` finds it.
+    """
+    os.chmod(staging, 0o755)
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, trash / out.name)
+    try:
+        os.replace(staging, out)
+    except BaseException:  # an OSError, or Ctrl-C between the two renames
+        os.replace(trash / out.name, out)  # put the previous dataset back
+        raise
+    finally:
+        if out.exists():  # else the restore failed too: leave the previous one for remove_stale_folders
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale_folders(out: Path, marker: str = "manifest.json") -> None:
+    """Remove staging / old folders a killed run left beside ``out`` (never the dataset itself).
+
+    A run killed inside ``swap_in_folder``, between moving the previous dataset aside and moving
+    the new one in, leaves no ``out`` at all: the previous one, complete (it holds ``marker``),
+    is put back first.
+    """
+    if not out.exists():
+        saved = [p / out.name for p in out.parent.glob(f".{out.name}.old-*") if (p / out.name / marker).is_file()]
+        if saved:
+            os.replace(max(saved, key=lambda p: p.stat().st_mtime), out)
+            _log.warning("%s: restored the previous dataset that an interrupted replacement had moved aside", out)
+    for pattern in (f".{out.name}.staging-*", f".{out.name}.old-*"):
+        for stale in out.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from conftest import tiny_params_dict
-from poison import shards
 from poison.shards import verify_dataset
+from poison.utils import remove_stale_folders
 
 # Runs the `poison` CLI, SIGKILLing itself at a chosen point of the dataset write.
 KILLER = r"""
@@ -32,7 +32,7 @@ def die_on(name):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
     setattr(shards, name, wrapper)
-if where == "swap":  # between _swap_in's renames: the previous dataset moved aside, the new one not yet in
+if where == "swap":  # between swap_in_folder's renames: the previous dataset moved aside, the new one not yet in
     real_replace = os.replace
     def replace(src, dst, *args, **kwargs):
         if os.path.basename(os.fspath(src)).startswith(".") and ".staging-" in os.path.basename(os.fspath(src)):
@@ -124,6 +124,6 @@ def test_sigkill_between_the_swap_renames_loses_neither_dataset(tmp_path, sessio
     out, before = _killed_rewrite(tmp_path, session_params, ("swap", 0))
     assert not out.exists()  # killed in the window: the dataset's name is empty
     # the next write puts the previous dataset back before sweeping the leftovers
-    shards._remove_stale(out)
+    remove_stale_folders(out)
     assert _files(out) == before and verify_dataset(out) == []
     assert [p.name for p in out.parent.iterdir()] == [out.name]

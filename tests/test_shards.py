@@ -428,7 +428,7 @@ def test_interrupt_between_the_swap_renames_keeps_previous_dataset(tmp_path, mon
 
 
 def test_next_write_restores_the_dataset_a_killed_swap_moved_aside(tmp_path):
-    # the state a SIGKILL between _swap_in's two renames leaves: no `ds`, the previous one
+    # the state a SIGKILL between swap_in_folder's two renames leaves: no `ds`, the previous one
     # complete under .ds.old-*, the new one complete under .ds.staging-*
     out, before = _previous(tmp_path)
     (tmp_path / ".ds.old-x").mkdir()
