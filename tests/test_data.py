@@ -183,13 +183,52 @@ def test_torchvision_source_without_root_says_how_to_provide_it(name):
         load_source(name, None)
 
 
-@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "svhn"])
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "svhn"])
 def test_torchvision_source_with_empty_root_is_a_clear_error(tmp_path, name, torchvision_datasets):
     with pytest.raises(DataSourceError) as info:
         load_source(name, str(tmp_path))
     msg = str(info.value)
     assert str(tmp_path) in msg and f"torchvision {name} files" in msg and "mnist5k" in msg
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "nothing may be downloaded"
+
+
+def _cifar10_binary(root, per_batch=3):
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(1, 6):
+        rec = rng.integers(0, 256, size=(per_batch, 3073), dtype=np.uint8)
+        rec[:, 0] = (np.arange(per_batch) + i) % 10
+        (folder / f"data_batch_{i}.bin").write_bytes(rec.tobytes())
+        records.append(rec)
+    (folder / "batches.meta.txt").write_text("\n".join(["airplane", "automobile", "bird", "cat", "deer", "dog",
+                                                           "frog", "horse", "ship", "truck"]) + "\n\n")
+    return np.concatenate(records)
+
+
+def test_cifar10_reads_the_binary_release_without_pickles(tmp_path):
+    records = _cifar10_binary(tmp_path)
+    # the python release beside it is never opened: a pickle that would run code if loaded
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"cos\nsystem\n(S'false'\ntR.")
+    ds = load_source("cifar10", str(tmp_path), channels=3)
+    assert ds.images.shape == (15, 3, 32, 32) and ds.images.dtype == torch.uint8
+    assert ds.labels.tolist() == records[:, 0].tolist()
+    # record layout: label byte, then the red plane, green plane, blue plane, each 32x32 row-major
+    assert ds.images[4, 1, 2, 5] == records[4, 1 + 1024 + 2 * 32 + 5]
+    assert ds.classes[0] == "airplane" and ds.classes[9] == "truck"
+
+
+def test_cifar10_python_release_or_damaged_batches_are_refused_with_the_fix(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(DataSourceError, match=r"data_batch_1\.bin.*cifar-10-binary\.tar\.gz.*pickles, which are never read"):
+        load_source("cifar10", str(tmp_path), channels=3)
+    _cifar10_binary(tmp_path)
+    batch = tmp_path / "cifar-10-batches-bin" / "data_batch_3.bin"
+    batch.write_bytes(batch.read_bytes()[:-7])
+    with pytest.raises(DataSourceError, match=r"data_batch_3\.bin holds 9212 bytes.*re-extract"):
+        load_source("cifar10", str(tmp_path), channels=3)
 
 
 def test_unknown_source_lists_known():
