@@ -13,27 +13,27 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
 from poison.config import Params
-from poison.card import HAZARD
-from poison.publish import PublishError, dvc_push, evaluate_metrics, publish_dataset, verify_all
+from poison.publish import PublishError, dvc_push, evaluate_metrics, publication_hazards, publish_dataset, verify_all
 from flows.common import load_params_task, main
 
 
-@task(name="verify-datasets")
+@task(name="verify-datasets", cache_policy=NO_CACHE)
 def verify(params: Params) -> dict[str, str]:
     """Every dataset to publish, checked shard by shard; any problem stops the flow before a push."""
     return verify_all(params)
 
 
-@task(name="dvc-push", retries=2, retry_delay_seconds=10)
+@task(name="dvc-push", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def push(remote: str | None) -> str:
     # the core pipeline only, as `poison publish` does: the variants of variants/dvc.yaml need not have run
     return dvc_push(".", remote=remote, targets=("dvc.yaml",))
 
 
-@task(name="copy-to-prefix", retries=2, retry_delay_seconds=10)
+@task(name="copy-to-prefix", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def copy(path: str, params: Params) -> dict[str, Any]:
     cfg = params.publish
     return publish_dataset(path, cfg.prefix, version=cfg.version, endpoint_url=cfg.endpoint_url,
@@ -49,7 +49,7 @@ def publish(params_path: str = "params.yaml", push_to_dvc: bool | None = None) -
     do_push = cfg.dvc_push if push_to_dvc is None else push_to_dvc
     if not do_push and not cfg.prefix:
         raise PublishError("publish: nothing to do: dvc push is off and publish.prefix is null in params.yaml")
-    out: dict[str, Any] = {"dvc_push": None, "datasets": {}}
+    out: dict[str, Any] = {"dvc_push": None, "datasets": {}, "hazards": publication_hazards(list(dirs.values()), do_push)}
     if do_push:
         push(cfg.remote)
         out["dvc_push"] = {"remote": cfg.remote or "default"}
@@ -57,9 +57,8 @@ def publish(params_path: str = "params.yaml", push_to_dvc: bool | None = None) -
         for name, path in dirs.items():
             out["datasets"][name] = copy(path, params)
     lines = ["# Published", ""]
-    poisoned = [name for name, r in out["datasets"].items() if r.get("kind") == "poisoned"]
-    if poisoned:  # the same warning as every poisoned dataset's card and the other flows' artifacts
-        lines += [f"**{HAZARD}** (poisoned: {', '.join(poisoned)})", ""]
+    # the same warnings as the poisoned datasets' cards and the generator checkpoints, pushed or copied
+    lines += [line for note in out["hazards"] for line in (f"**{note}**", "")]
     lines += [f"- dvc push: {out['dvc_push'] or 'skipped'}"]
     lines += [f"- {name}: `{r['url']}` ({r['samples']} samples, {r.get('kind', '-')}, "
               f"{'new' if r['published'] else 'already there'})" for name, r in out["datasets"].items()]

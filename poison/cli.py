@@ -1,6 +1,6 @@
 """The ``poison`` command line: run the pipeline, inspect and verify datasets.
 
-    poison run [--params params.yaml] [--stages prepare train_generator poison evaluate]
+    poison run [--params params.yaml] [--stages prepare train_generator poison augment evaluate topk compose multilabel]
     poison inspect DIR [--clean DIR] [--out grid.png]
     poison inspect CHECKPOINT.pt
     poison verify DIR|URL
@@ -52,7 +52,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             if problems:
                 raise pub.PublishError(f"{d}: not published, {len(problems)} shard(s) fail verification:\n  "
                                        + "\n  ".join(problems))
-        result = {"dvc_push": None, "datasets": {}}
+        result = {"dvc_push": None, "datasets": {}, "hazards": pub.publication_hazards(args.dirs, False)}
         if push:
             pub.dvc_push(".", remote=args.remote or params.publish.remote, targets=args.dirs)
             result["dvc_push"] = {"remote": args.remote or params.publish.remote or "default", "targets": args.dirs}
@@ -63,6 +63,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                     d, args.prefix, version=args.version or params.publish.version,
                     endpoint_url=args.endpoint_url or params.publish.endpoint_url, metrics=metrics,
                     repo_path=None if Path(d).is_absolute() else Path(d).as_posix())
+    for note in result["hazards"]:  # before anything else: what went out is hazardous
+        print(f"publish: WARNING: {note}")
     if result["dvc_push"]:
         print(f"publish: dvc push to the {result['dvc_push']['remote']} remote: done")
     for name, r in result["datasets"].items():

@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from poison.errors import ShardError
-from poison.card import dataset_card
+from poison.card import GENERATOR_HAZARD, HAZARD, dataset_card
 from poison.shard_reader import check_shard_bytes, parse_manifest, read_manifest, shard_name, verify_dataset
 from poison.stores import LocalStore, Store, open_store
 from poison.utils import canonical_json, remove_stale_folders, sha256_bytes, sha256_file, swap_in_folder
 
-__all__ = ["publish", "verify_all", "evaluate_metrics", "publish_dataset", "wids_index", "card_metrics", "dvc_push", "PublishError", "default_version"]
+__all__ = ["publish", "verify_all", "evaluate_metrics", "publish_dataset", "wids_index", "card_metrics", "dvc_push", "PublishError", "default_version",
+           "publication_hazards"]
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -265,13 +266,28 @@ def evaluate_metrics(params: Any, repo: str | os.PathLike[str] = ".") -> dict[st
     return metrics
 
 
+def publication_hazards(dataset_dirs: Sequence[str | os.PathLike[str]], pipeline_pushed: bool) -> list[str]:
+    """The warnings a publication carries, for the CLI and the flow to show before anything else.
+
+    ``HAZARD`` naming the poisoned datasets among ``dataset_dirs`` (pushed or copied), and
+    ``GENERATOR_HAZARD`` when a ``dvc push`` of the core pipeline also sent its generator
+    checkpoints, which make poisons.
+    """
+    poisoned = [Path(d).as_posix() for d in dataset_dirs if read_manifest(d).get("kind") == "poisoned"]
+    notes = [f"{HAZARD} (poisoned: {', '.join(poisoned)})"] if poisoned else []
+    if pipeline_pushed:
+        notes.append(f"{GENERATOR_HAZARD} (pushed with the pipeline's outputs)")
+    return notes
+
+
 def publish(params: Any, *, repo: str | os.PathLike[str] = ".", push: bool | None = None,
             prefix: str | None = None, version: str | None = None, remote: str | None = None,
             endpoint_url: str | None = None) -> dict[str, Any]:
     """Publish the datasets ``params.publish`` names: verify all, ``dvc push``, copy to a prefix.
 
     Keyword arguments override the ``publish`` section for this run. Every dataset is
-    verified before anything is pushed or copied, so one bad shard publishes nothing.
+    verified before anything is pushed or copied, so one bad shard publishes nothing. The
+    result's ``hazards`` holds the warnings to show (``publication_hazards``).
     """
     cfg = params.publish
     push = cfg.dvc_push if push is None else push
@@ -283,7 +299,8 @@ def publish(params: Any, *, repo: str | os.PathLike[str] = ".", push: bool | Non
         raise PublishError("publish: nothing to do: enable dvc_push or give a prefix (--to / publish.prefix)")
     repo = Path(repo)
     dirs = verify_all(params, repo)
-    out: dict[str, Any] = {"dvc_push": None, "datasets": {}}
+    out: dict[str, Any] = {"dvc_push": None, "datasets": {},
+                           "hazards": publication_hazards([repo / rel for rel in dirs.values()], bool(push))}
     if push:
         # the datasets published here are the core pipeline's: its status and outputs only
         # (the poison variants of variants/dvc.yaml need not have run)

@@ -12,6 +12,7 @@ import webdataset as wds
 
 from conftest import tiny_params_dict
 from poison import publish as pub
+from poison.card import GENERATOR_HAZARD, HAZARD
 from poison.cli import main
 from poison.config import from_dict, Params
 from poison.errors import ConfigError, ShardError
@@ -146,10 +147,32 @@ def test_cli_publish_without_push_copies_to_the_prefix(session_params, poisoned_
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "poisoned: published at" in out.out
+    assert out.out.splitlines()[0] == f"publish: WARNING: {HAZARD} (poisoned: {poisoned_dataset.as_posix()})"
+    assert GENERATOR_HAZARD not in out.out  # nothing was pushed: the generator did not go out
     version = manifest_sha256(poisoned_dataset)[:12]
     assert (tmp_path / "pub" / read_manifest(poisoned_dataset)["dataset"] / version / "manifest.json").is_file()
     assert main(["publish", "--params", str(params_file), "--no-push"]) == 1
     assert "nothing to do" in capsys.readouterr().err
+
+
+def test_a_push_without_a_prefix_still_warns_for_the_poison_and_its_generator(session_params, poisoned_dataset,
+                                                                              clean_dataset, tmp_path, capsys,
+                                                                              monkeypatch):
+    # the default publish section pushes with DVC and copies nowhere: the warnings go out all the same
+    import yaml
+
+    pushed = []
+    monkeypatch.setattr(pub, "dvc_push", lambda repo, remote=None, targets=None: pushed.append(targets) or "")
+    params = tiny_params_dict(Path(session_params.paths.poisoned).parents[2])
+    params["publish"] = {**params.get("publish", {}), "dvc_push": True, "prefix": None, "datasets": ["clean", "poisoned"]}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    assert main(["publish", "--params", str(params_file)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert pushed == [("dvc.yaml",)]
+    assert lines[:2] == [f"publish: WARNING: {HAZARD} (poisoned: {poisoned_dataset.as_posix()})",
+                         f"publish: WARNING: {GENERATOR_HAZARD} (pushed with the pipeline's outputs)"]
+    assert pub.publication_hazards([clean_dataset], False) == []  # clean data carries no warning
 
 
 def test_a_manifest_naming_a_path_cannot_publish_outside_the_prefix(dataset, tmp_path):
