@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import main
@@ -47,25 +48,28 @@ def _dvc(*args: str, cwd: Path) -> str:
     return _run([sys.executable, "-m", "dvc", *args], cwd)
 
 
-@task(name="dvc-pull", retries=2, retry_delay_seconds=30)
+@task(name="dvc-pull", retries=2, retry_delay_seconds=30, cache_policy=NO_CACHE)
 def pull(repo: Path) -> str:
     # outputs the remote does not hold yet (a first run) are rebuilt by repro, not an error
     return _dvc("pull", "--allow-missing", cwd=repo)
 
 
-@task(name="dvc-repro")
+@task(name="dvc-repro", cache_policy=NO_CACHE)
 def repro(repo: Path) -> str:
     return _dvc("repro", "--all-pipelines", cwd=repo)
 
 
-@task(name="dvc-push", retries=2, retry_delay_seconds=30)
+@task(name="dvc-push", retries=2, retry_delay_seconds=30, cache_policy=NO_CACHE)
 def push(repo: Path) -> str:
     return dvc_push(repo)
 
 
-@task(name="git-commit")
-def commit(repo: Path, tag: str | None) -> str | None:
-    _run(["git", "add", *[lock for lock in LOCK_FILES if (repo / lock).is_file()], "reports"], repo)
+@task(name="git-commit", cache_policy=NO_CACHE)
+def commit(repo: Path, tag: str | None, reports: Path) -> str | None:
+    # reports: params.yaml's paths.reports, committed when it lies inside the repository
+    paths = [lock for lock in LOCK_FILES if (repo / lock).is_file()]
+    paths += [reports.relative_to(repo).as_posix()] if reports.is_dir() and reports.is_relative_to(repo) else []
+    _run(["git", "add", "--", *paths], repo)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode != 0:
         _run(["git", "commit", "-q", "-m", "regenerate: outputs of `dvc repro` recorded in dvc.lock"], repo)
     if tag:
@@ -121,7 +125,7 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
         if not keep_backup:
             shutil.rmtree(backup, ignore_errors=True)
     if git_commit or tag:
-        out["commit"] = commit(root, tag)
+        out["commit"] = commit(root, tag, reports)
         out["tag"] = tag
     lines = ["# Regenerated", "", f"- repository: `{root}`"]
     lines += [f"- {k}: {out[k]}" for k in ("pulled", "pushed", "commit", "tag")]

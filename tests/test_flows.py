@@ -120,3 +120,23 @@ def test_regenerate_keeps_the_failed_runs_reports_when_the_copy_fails(tmp_path, 
         _restore_reports(saved, reports)
     assert _tree(reports) == before and _tree(saved) == backup  # nothing half-copied under the name
     assert [p.name for p in reports.parent.iterdir()] == ["reports"]
+
+
+def test_regenerate_commits_the_reports_folder_params_names(tmp_path, monkeypatch):
+    # paths.reports need not be "reports": the commit adds the folder the run wrote
+    import subprocess
+
+    from flows.regenerate import commit
+
+    for var in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(var, "test@example.invalid" if var.endswith("EMAIL") else "test")
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "init"], cwd=repo, check=True)
+    (repo / "out" / "reports" / "evaluate").mkdir(parents=True)
+    (repo / "out" / "reports" / "evaluate" / "metrics.json").write_text("{}")
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    head = commit.fn(repo, None, repo / "out" / "reports")
+    files = subprocess.run(["git", "show", "--name-only", "--format=", head], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert sorted(files) == ["dvc.lock", "out/reports/evaluate/metrics.json"]
