@@ -44,8 +44,8 @@ from poison.evaluate import classification_metrics, fit_classifier
 from poison.models import check_classifiers
 from poison.shards import load_split, read_manifest
 from poison.train import TrainConfig, predict
-from poison.utils import (atomic_write_bytes, atomic_write_json, canonical_json, git_revision, make_generator,
-                          resolve_device)
+from poison.utils import (atomic_write_bytes, atomic_write_json, canonical_json, code_fingerprint, git_revision,
+                          make_generator, resolve_device)
 
 __all__ = ["RECIPES", "SKLEARN_MODELS", "BenchConfig", "run_strength", "render_markdown", "update_markdown",
            "generator_config"]
@@ -242,8 +242,11 @@ def run_strength(
         clean=str(clean_dir), generator=str(workdir / "clean-unused" / "g.pt"),
         poisoned=str(workdir / "clean-unused" / "p"), reports=str(workdir / "clean-unused" / "reports")))
     recipes = {r: to_dict(RECIPES[r]) for r in cfg.recipes}
+    # everything a stored result depends on: the code (a fix to the quantizer or a model must not be
+    # served stale results), the device, and how the poison is materialized (threads are part of the bytes)
     common = {"version": BENCH_VERSION, "data": to_dict(params.data), "seed": params.seed, "split": cfg.split,
-              "seeds": list(cfg.seeds), "recipes": recipes}
+              "seeds": list(cfg.seeds), "recipes": recipes, "code": code_fingerprint(), "device": str(device),
+              "poison": to_dict(params.poison)}
 
     jobs: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = {}
     state: dict[str, Any] = {}

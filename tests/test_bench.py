@@ -65,6 +65,16 @@ def test_cached_jobs_are_reused_and_fresh_reruns(tiny_run, monkeypatch):
     assert len(calls) == 2 and partial["_missing"] == ["clean", "untargeted", "label_specific"]
     assert partial["eps0.2"]["fingerprint"] != results["eps0.2"]["fingerprint"]
     assert "**Incomplete**: no result yet for job(s) clean, untargeted, label_specific" in bench.render_markdown(partial, "x")
+    # changed code, or another way of materializing the poison, is not served the stored results either
+    monkeypatch.setattr(bench, "code_fingerprint", lambda: "other code")
+    assert bench.run_strength(params, work, CFG, only=())["_missing"] == ["clean", "untargeted", "label_specific",
+                                                                         "eps0.2"]
+    monkeypatch.undo()
+    import dataclasses
+
+    threads = dataclasses.replace(params, poison=dataclasses.replace(params.poison, threads=2))
+    assert len(bench.run_strength(threads, work, CFG, only=())["_missing"]) == 4
+    assert "_missing" not in bench.run_strength(params, work, CFG, only=())
 
 
 def test_a_clean_split_made_from_other_settings_is_refused(tiny_run):
