@@ -19,12 +19,14 @@
    whose predicted labels are exactly the goal; clean-trained models as reference.
 
 Generators are selected on the validation split; downstream seeds are derived per purpose
-and never those of generator training; the test split chooses nothing.
+and never those of generator training. ``--split val`` scores every part on the validation
+split instead of test: choose settings (trials, generator, attack budgets) with it, and
+run test once to report, so that the test split chooses nothing.
 
 Usage:
     python benchmarks/targets.py --clean <repo>/data/shards/mnist5k --grid <repo>/data/shards/mnist5k-grid
         [--only topk_attacks multilabel_attacks topk_poison multilabel_poison] [--seeds 0 1 2]
-        [--trials 8] [--workers 2]
+        [--trials 8] [--workers 2] [--split val|test]
 Results: benchmarks/results/targets.json (merged per part) and a Markdown table.
 """
 
@@ -113,7 +115,7 @@ def topk_attacks(seed: int, k: int, clean: str, search: dict[str, Any], split: s
     c_init = c_init or {}
     cfg_ad = TopKConfig(k=k, **search, **(ad or {}), **({"c_init": c_init["ad"]} if "ad" in c_init else {}))
     cfg_cw = TopKConfig(k=k, **search, **({"c_init": c_init["cwk"]} if "cwk" in c_init else {}))
-    out: dict[str, Any] = {"seed": seed, "k": k, "split": split, "samples": int(idx.numel()),
+    out: dict[str, Any] = {"seed": seed, "k": k, "split": split, "samples": int(idx.numel()), "search": dict(search),
                            "c_init": {"ad": cfg_ad.c_init, "cwk": cfg_cw.c_init},
                            "ad_distribution": {"alpha": cfg_ad.alpha, "beta": cfg_ad.beta, "similarity": cfg_ad.similarity},
                            "clean_error": float((model(xs).argmax(1) != ys).float().mean())}
@@ -171,6 +173,7 @@ def multilabel_attacks(seed: int, strategy: str, grid: str, methods: tuple[str, 
                            "clean_exact_match": float((pred == ys).all(1).float().mean())} | saturation
     runs = [(m, sp) for m in methods for sp in (("probability",) if m == "ml_dp" else spaces)]
     out["measured"] = [_ml_key(m, sp) for m, sp in runs]
+    out["search"] = dict(search)
     for method, space in runs:
         cfg = MultiLabelAttackConfig(method=method, strategy=strategy, space=space, **search)
         t0 = time.perf_counter()
@@ -200,7 +203,8 @@ def _generator_config(trials: int, **kw):
 
 
 def topk_poison(variant: str, seeds: list[int], trials: int, clean: str, generator_seed: int = 0,
-                generator: str = "unet16") -> dict[str, Any]:
+                generator: str = "unet16", split: str = "test") -> dict[str, Any]:
+    """One generator, its poison scored downstream on ``split`` (val: to choose settings; test: to report)."""
     from poison.attacks.deepconfuse import DeepConfuse
     from poison.attacks.topk import shifted_targets, topk_success
     from poison.shards import load_split, read_manifest
@@ -210,7 +214,7 @@ def topk_poison(variant: str, seeds: list[int], trials: int, clean: str, generat
     nc = len(read_manifest(clean)["classes"])
     x, y, _ = load_split(clean, "train")
     x_va, y_va, _ = load_split(clean, "val")
-    x_te, y_te, _ = load_split(clean, "test")
+    x_te, y_te, _ = load_split(clean, split)
     kw = {"label_specific": dict(target="label_specific", adversarial_weight=1.0),
           "topk1": dict(target="ordered_topk", topk=1, adversarial_weight=1.0),
           "topk3": dict(target="ordered_topk", topk=3, adversarial_weight=1.0)}[variant]
@@ -228,13 +232,14 @@ def topk_poison(variant: str, seeds: list[int], trials: int, clean: str, generat
                      "target_rate": float((logits.argmax(1) == lists[:, 0]).float().mean()),
                      "top3_rate": float(topk_success(logits, lists).float().mean())})
     return {"variant": variant, "generator_seed": generator_seed, "generator": generator, "config": kw, "trials": trials,
-            "generator_seconds": round(seconds, 1),
+            "split": split, "generator_seconds": round(seconds, 1),
             "best_trial": dc.best_trial, "curve": [vars(r) for r in curve], "runs": runs}
 
 
 # ---------------------------------------------------------- 4. multi-label poisons
 def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str, generator_seed: int = 0,
-                      generator: str = "unet16") -> dict[str, Any]:
+                      generator: str = "unet16", split: str = "test") -> dict[str, Any]:
+    """One generator (none for ``clean``), its poison scored downstream on ``split``."""
     from poison.attacks.deepconfuse import DeepConfuse
     from poison.evaluate import multilabel_metrics
     from poison.shards import load_split, read_manifest
@@ -244,7 +249,7 @@ def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str, ge
     nl = len(read_manifest(grid)["classes"])
     x, y, _ = load_split(grid, "train")
     x_va, y_va, _ = load_split(grid, "val")
-    x_te, y_te, _ = load_split(grid, "test")
+    x_te, y_te, _ = load_split(grid, split)
     if variant == "clean":
         x_p, info = x, {}
         goal = (y_te + torch.nn.functional.one_hot(torch.tensor(0), nl)) % 2
@@ -266,7 +271,7 @@ def multilabel_poison(variant: str, seeds: list[int], trials: int, grid: str, ge
         runs.append({"seed": seed, **{k: v for k, v in m.items() if k not in ("samples", "per_label_f1")},
                      "label0_f1": m["per_label_f1"][0]})
     return {"variant": variant, "generator_seed": generator_seed, **({} if variant == "clean" else {"generator": generator}),
-            **info, "runs": runs}
+            "split": split, **info, "runs": runs}
 
 
 # ------------------------------------------------------------------------ report
@@ -284,23 +289,43 @@ def _merge(name: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any
     def commands(part: dict[str, Any]) -> list[str]:
         return [_measuring(c) for c in part.get("commands", [part["command"]] if "command" in part else [])]
 
-    previous = {_identity(name, r): r for r in old.get("runs", [])}
-    fresh = {_identity(name, r) for r in new["runs"]}
-    kept = [r for r in old.get("runs", []) if _identity(name, r) not in fresh]
-    merged = {**old, **new, "runs": kept + [{**previous.get(_identity(name, r), {}), **r} for r in new["runs"]]}
+    def runs(part: dict[str, Any]) -> list[dict[str, Any]]:
+        # attack runs stored before each run recorded its budget ran with their part's
+        budget = {"search": part["search"]} if "search" in part and name.endswith("attacks") else {}
+        return [{**budget, **r} for r in part.get("runs", [])]
+
+    old_runs, new_runs = runs(old), runs(new)
+    previous = {_identity(name, r): r for r in old_runs}
+    fresh = {_identity(name, r) for r in new_runs}
+    kept = [r for r in old_runs if _identity(name, r) not in fresh]
+    merged = {**old, **new, "runs": kept + [{**previous.get(_identity(name, r), {}), **r} for r in new_runs]}
     merged["commands"] = [c for c in commands(old) if c not in commands(new)] + commands(new)
     merged.pop("command", None)
     return merged
 
 def _identity(part: str, run: dict[str, Any]) -> str:
-    """What makes a run of ``part`` the same measurement (a rerun replaces it)."""
-    keys = {"topk_attacks": ("seed", "k", "split", "samples", "c_init", "ad_distribution"),
-            "multilabel_attacks": ("seed", "strategy", "split", "samples", "measured"),
-            "topk_poison": ("variant", "generator_seed", "generator", "trials"),
-            "multilabel_poison": ("variant", "generator_seed", "generator", "trials")}[part]
+    """What makes a run of ``part`` the same measurement (a rerun replaces it, a different one is kept).
+
+    The attacks' search budget and the poisons' downstream seeds are part of it: a run with
+    another budget or other seeds is another measurement, never merged into this one's row.
+    Runs stored before a key was recorded read as its default (what they were measured with).
+    """
+    keys = {"topk_attacks": ("seed", "k", "split", "samples", "c_init", "ad_distribution", "search"),
+            "multilabel_attacks": ("seed", "strategy", "split", "samples", "measured", "search"),
+            "topk_poison": ("variant", "generator_seed", "generator", "trials", "split", "seeds"),
+            "multilabel_poison": ("variant", "generator_seed", "generator", "trials", "split", "seeds")}[part]
     defaults = {"samples": SAMPLES, "generator_seed": 0, "split": "test", "generator": "unet16",
-                "measured": ["ml_cw", "ml_dp"], "trials": TRIALS}
-    return json.dumps([run.get(k, defaults.get(k)) for k in keys], sort_keys=True)
+                "measured": ["ml_cw", "ml_dp"], "trials": TRIALS, "search": SEARCH}
+    values = {**defaults, **run, "seeds": [r.get("seed") for r in run.get("runs", [])]}
+    return json.dumps([values.get(k) for k in keys], sort_keys=True)
+
+def _budget(run: dict[str, Any]) -> str:
+    """A suffix naming an attack run's search budget when it is not the default (else "")."""
+    search = run.get("search", SEARCH)
+    if search == SEARCH:
+        return ""
+    return f" ({search['iterations']} steps x {search['binary_steps']} c)"
+
 
 def _ms(rows: list[dict[str, Any]], key: str, scale: float = 100.0, fmt: str = ".1f") -> str:
     vals = [r[key] for r in rows if r.get(key) is not None]
@@ -323,12 +348,13 @@ def markdown(result: dict[str, Any]) -> str:
         def key(r: dict[str, Any]) -> tuple:
             c = r.get("c_init", {"ad": 10.0, "cwk": 10.0})
             d = r.get("ad_distribution", {"alpha": 10.0, "beta": 0.3, "similarity": "data"})
-            return (r["k"], -r.get("samples", SAMPLES), d["similarity"], d["alpha"], d["beta"], c["ad"], c["cwk"])
+            return (r["k"], -r.get("samples", SAMPLES), d["similarity"], d["alpha"], d["beta"], c["ad"], c["cwk"],
+                    _budget(r))
 
         for kk in sorted({key(r) for r in rows}):
             sub = [r for r in rows if key(r) == kk]
             ad, cw = [x["ad"] for x in sub if "ad" in x], [x["cwk"] for x in sub if "cwk" in x]
-            lines.append(f"| {kk[0]} | {-kk[1]} | {kk[2]}, alpha {kk[3]:g}, beta {kk[4]:g} | {kk[5]:g} / {kk[6]:g} | "
+            lines.append(f"| {kk[0]}{kk[7]} | {-kk[1]} | {kk[2]}, alpha {kk[3]:g}, beta {kk[4]:g} | {kk[5]:g} / {kk[6]:g} | "
                          f"{_ms(ad, 'success_rate')} | {_ms(ad, 'mean_l2', 1, '.2f')} | "
                          f"{_ms(cw, 'success_rate')} | {_ms(cw, 'mean_l2', 1, '.2f')} |")
         lines.append("")
@@ -339,28 +365,31 @@ def markdown(result: dict[str, Any]) -> str:
                   "(targets flip labels of the model's clean prediction; success % of valid targets (exact match; "
                   "Rank I/II: ranking order), mean L2 / L-inf over successes)",
                   "", "| strategy | method | success | mean L2 | mean L-inf |", "|---|---|---|---|---|"]
-        for s in STRATEGIES:
-            sub = [r for r in rows if r["strategy"] == s]
+        for s, budget in sorted({(r["strategy"], _budget(r)) for r in rows},
+                                key=lambda sb: (STRATEGIES.index(sb[0]), sb[1])):
+            sub = [r for r in rows if r["strategy"] == s and _budget(r) == budget]
             for m in [_ml_key(m, sp) for sp in ML_SPACES for m in ML_METHODS]:
                 v = [x[m] for x in sub if m in x]
                 if v:
-                    lines.append(f"| {s} | {m} | {_ms(v, 'success_rate')} | {_ms(v, 'mean_l2', 1, '.2f')} | "
+                    lines.append(f"| {s}{budget} | {m} | {_ms(v, 'success_rate')} | {_ms(v, 'mean_l2', 1, '.2f')} | "
                                  f"{_ms(v, 'mean_linf', 1, '.3f')} |")
         lines.append("")
     def by_variant(rows: list[dict[str, Any]], order: tuple[str, ...]):
         """Per variant, generator and trial count: one row per generator seed, then all of them
         pooled when there are several."""
-        def kind(r: dict[str, Any]) -> tuple[str, int]:
-            return r.get("generator", "unet16"), r.get("trials", TRIALS)
+        def kind(r: dict[str, Any]) -> tuple[str, int, str]:
+            return r.get("generator", "unet16"), r.get("trials", TRIALS), r.get("split", "test")
 
         for v in order:
             kinds = sorted({kind(r) for r in rows if r["variant"] == v},
-                           key=lambda k: (k[0] != "unet16", k[0], k[1]))
-            for gen, trials in kinds:
+                           key=lambda k: (k[2] != "test", k[0] != "unet16", k[0], k[1]))
+            for gen, trials, split in kinds:
                 name = v if gen == "unet16" or v == "clean" else f"{v}, `{gen}`"
                 if trials != TRIALS and v != "clean":
                     name += f", {trials} trials"
-                sub = sorted((r for r in rows if r["variant"] == v and kind(r) == (gen, trials)),
+                if split != "test":
+                    name += f" (scored on {split})"
+                sub = sorted((r for r in rows if r["variant"] == v and kind(r) == (gen, trials, split)),
                              key=lambda r: r.get("generator_seed", 0))
                 for r in sub:
                     yield name, str(r.get("generator_seed", 0)), r["runs"], r.get("generator_seconds", "-")
@@ -404,7 +433,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=SEARCH["iterations"], help="CW-style Adam steps per c")
     ap.add_argument("--binary-steps", type=int, default=SEARCH["binary_steps"], help="CW-style values of c")
     ap.add_argument("--split", choices=["test", "val"], default="test",
-                    help="topk_attacks, multilabel_attacks: the images attacked (val: to choose settings; test: to report)")
+                    help="the images attacked (attacks) or the downstream models are scored on (poisons): val to "
+                         "choose settings, test to report")
     ap.add_argument("--c-init", nargs="+", type=float, default=None,
                     help="topk_attacks on val: the first c values to try for both methods")
     ap.add_argument("--c-init-ad", type=float, default=None, help="topk_attacks: AD's first c (default 10)")
@@ -453,9 +483,9 @@ def main() -> None:
         "multilabel_attacks": [(multilabel_attacks, s, st, args.grid, tuple(args.ml_methods), search, args.split,
                                 args.samples, tuple(args.ml_spaces))
                                for st in STRATEGIES for s in args.seeds],
-        "topk_poison": [(topk_poison, v, args.seeds, args.trials, args.clean, g, args.generator)
+        "topk_poison": [(topk_poison, v, args.seeds, args.trials, args.clean, g, args.generator, args.split)
                         for g in args.generator_seeds for v in args.topk_poisons],
-        "multilabel_poison": [(multilabel_poison, v, args.seeds, args.trials, args.grid, g, args.generator)
+        "multilabel_poison": [(multilabel_poison, v, args.seeds, args.trials, args.grid, g, args.generator, args.split)
                               for g in args.generator_seeds for v in args.ml_poisons],
     }
     result: dict = {}

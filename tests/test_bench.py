@@ -202,7 +202,7 @@ def test_targets_merge_keeps_the_methods_a_rerun_did_not_measure():
     targets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(targets)
     run = {"seed": 10, "k": 5, "split": "val", "samples": 200, "c_init": {"ad": 10.0, "cwk": 10.0},
-           "ad_distribution": {"alpha": 10.0}}
+           "ad_distribution": {"alpha": 10.0, "beta": 0.3, "similarity": "data"}}
     ad = {"topk_attacks": {"command": "targets.py --topk-methods ad", "runs": [{**run, "ad": {"mean_l2": 3.8}}]}}
     cwk = {"topk_attacks": {"command": "targets.py --topk-methods cwk", "runs": [{**run, "cwk": {"mean_l2": 3.5}}]}}
     merged = targets._merge("topk_attacks", ad["topk_attacks"], cwk["topk_attacks"])
@@ -212,6 +212,12 @@ def test_targets_merge_keeps_the_methods_a_rerun_did_not_measure():
     assert len(again["runs"]) == 1 and again["runs"][0]["ad"] == {"mean_l2": 3.7}  # a rerun replaces its method
     other = targets._merge("topk_attacks", merged, {"runs": [{**run, "k": 1, "ad": {"mean_l2": 2.3}}]})
     assert len(other["runs"]) == 2  # a different measurement is added
+    # another search budget is another measurement: never merged into the 100-step row, shown apart
+    longer = targets._merge("topk_attacks", merged, {"runs": [{**run, "search": {"iterations": 1000, "binary_steps": 4},
+                                                                "ad": {"success_rate": 1.0, "mean_l2": 3.1}}]})
+    assert len(longer["runs"]) == 2 and longer["runs"][0]["ad"] == {"mean_l2": 3.8}
+    table = targets.markdown({"topk_attacks": longer})
+    assert "| 5 (1000 steps x 4 c) | 200 |" in table and "| 5 | 200 |" in table
 
 
 def test_targets_poison_runs_of_other_trial_counts_are_other_measurements():
@@ -232,6 +238,12 @@ def test_targets_poison_runs_of_other_trial_counts_are_other_measurements():
     table = targets.markdown({"multilabel_poison": again})
     assert "| untargeted, `unet16_cond` | 0 | 50.0" in table
     assert "| untargeted, `unet16_cond`, 12 trials | 0 | 50.0" in table
+    # scored on validation, or with other downstream seeds: other measurements, labelled apart
+    val = {**six, "split": "val", "runs": [{**down[0], "exact_match": 0.3}]}
+    seeds = {**six, "runs": [{**down[0], "seed": 1}]}
+    more = targets._merge("multilabel_poison", again, {"runs": [val, seeds]})
+    assert len(more["runs"]) == 4
+    assert "| untargeted, `unet16_cond` (scored on val) | 0 | 30.0" in targets.markdown({"multilabel_poison": more})
 
 
 @pytest.mark.parametrize("args, message", [
