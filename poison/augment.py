@@ -285,7 +285,9 @@ def augment(params: Params) -> dict[str, Any]:
     manifest = write_dataset(
         params.paths.augmented,
         {"adversarial": SplitSamples(adv["images"], y, adv_meta), "longtail": SplitSamples(tail_images, tail_labels, tail_meta)},
-        dataset=name, kind="semantic", classes=classes, seed=params.seed, method="sia", config=to_dict(cfg),
+        # the victim's training recipe decides the bytes as much as the augment section does
+        dataset=name, kind="semantic", classes=classes, seed=params.seed, method="sia",
+        config=to_dict(cfg) | {"victim_recipe": to_dict(recipe)},
         budget={"norm": "linf", "eps": cfg.attack.eps, "attributes": dict(zip(names, cfg.attack.half_ranges())),
                 "max_image_linf_used": float(adv["image_linf"].max()) if adv["image_linf"].numel() else 0.0},
         source={"dataset": clean["dataset"], "path": params.paths.clean, "manifest_sha256": clean_sha},

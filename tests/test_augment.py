@@ -13,7 +13,7 @@ import torch
 from poison import stages
 from poison.augment import AugmentConfig, long_tail_indices, tail_plan
 from poison.attacks.semantic import ATTRIBUTES
-from poison.config import Params, from_dict
+from poison.config import to_dict, Params, from_dict
 from poison.errors import ConfigError
 from poison.shards import iter_samples, read_manifest, verify_dataset
 from conftest import tiny_params_dict
@@ -41,6 +41,8 @@ def test_augment_writes_a_labelled_semantic_dataset(augmented, clean_dataset):
     out = Path(params.paths.augmented)
     manifest = read_manifest(out)
     assert manifest["kind"] == "semantic" and manifest["method"] == "sia" and manifest["hazard"]
+    # the victim's recipe (evaluate.recipe) decides the bytes too: recorded with the augment section
+    assert manifest["config"]["victim_recipe"] == to_dict(params.evaluate.recipe)
     assert verify_dataset(out) == []
     assert "AUGMENTED" in (out / "README.md").read_text().splitlines()[0]
     assert result["samples"]["adversarial"] == read_manifest(clean_dataset)["splits"]["train"]["samples"] == 210
