@@ -64,6 +64,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrialRecord:
+    """One scored trial: the validation victim's clean accuracy and the poison's goal rate on val.
+
+    ``val_target_rate`` is the share of validation images on the target's goal: the target
+    class t(y) (label-specific), the whole ordered list t(y) as the top k (``ordered_topk``:
+    the ordered top-k rate, not its top-1), or the goal label vector (multi-label flip);
+    None when untargeted. ``val_accuracy`` is exact match for multi-label data.
+    """
+
     trial: int
     steps: int
     seconds: float
