@@ -398,7 +398,8 @@ def markdown(result: dict[str, Any]) -> str:
 
     if "topk_poison" in result:
         rows = result["topk_poison"]["runs"]
-        lines += ["**3. Ordered top-k poisons (eps 0.3): downstream `dc_cnn` on the clean test split, %** "
+        lines += ["**3. Ordered top-k poisons (eps 0.3): downstream `dc_cnn` on the clean test split (val where a "
+                  "row says so), %** "
                   "(mean (min-max) over the downstream seeds)", "",
                   "| poison | generator seed | accuracy | top-1 target rate (y+1) | ordered top-3 rate (y+1, y+2, y+3) "
                   "| generator (s) |", "|---|---|---|---|---|---|"]
@@ -408,7 +409,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if "multilabel_poison" in result:
         rows = result["multilabel_poison"]["runs"]
-        lines += ["**4. Multi-label poisons (eps 0.3): downstream multi-label `dc_cnn` on the clean test composites, %** "
+        lines += ["**4. Multi-label poisons (eps 0.3): downstream multi-label `dc_cnn` on the clean test composites "
+                  "(val where a row says so), %** "
                   "(mean (min-max) over the downstream seeds)",
                   "", "| training data | generator seed | exact match | Hamming loss | macro F1 | label 0 F1 "
                   "| goal rate (label 0 flipped, rest kept) |", "|---|---|---|---|---|---|---|"]
