@@ -1,7 +1,7 @@
 """Train one DeepConfuse generator configuration on mnist5k and evaluate its stored poison.
 
-Protocol (the pipeline's): stratified split of the embedded mnist5k (3,500 train /
-500 val / 1,000 test, seed 0); the generator is trained on train and selected on val;
+Protocol (the pipeline's): the prepare stage's stratified split of params.yaml's data
+(``default_split``; by default the embedded mnist5k, 3,500 train / 500 val / 1,000 test, seed 0); the generator is trained on train and selected on val;
 its poison is quantized to uint8 as stored; `dc_cnn` models are trained from scratch on
 it with downstream seeds never used in generator training and tested on the clean test
 split (``--split test``; the default ``--split val`` scores on the validation split, for tuning) under three recipes:
@@ -27,8 +27,8 @@ import torch
 
 from poison.attacks.deepconfuse import DeepConfuse, DeepConfuseConfig
 from poison.bench import RECIPES as BENCH_RECIPES
-from poison.config import from_dict
-from poison.data import load_source, stratified_split
+from poison.config import from_dict, load_params
+from poison.data import load_source, stratified_split, subsample_per_class
 from poison.evaluate import classification_metrics
 from poison.train import TrainConfig, build_model, predict, train_classifier
 from poison.utils import derive_seed, make_generator
@@ -38,10 +38,25 @@ RECIPES = {"A": BENCH_RECIPES["A"], "B5": TrainConfig("adam", 1e-3, epochs=5, ba
            "B20": BENCH_RECIPES["B20"]}
 
 
-def default_split():
-    """Return the pipeline's default (train, val, test) of mnist5k: stratified 3,500 / 500 / 1,000, seed 0."""
-    ds = load_source("mnist5k")
-    split = stratified_split(ds.labels, {"train": -1, "val": 500, "test": 1000}, make_generator(0, "split"))
+def default_split(params_path: str = "params.yaml"):
+    """Return the pipeline's (train, val, test) split as the prepare stage makes it from ``params_path``.
+
+    The same source, subsample and stratified split (``data`` section and ``seed``) as
+    ``poison.stages.prepare``, without writing shards: with the default params.yaml the
+    embedded mnist5k, 3,500 / 500 / 1,000, seed 0. The scripts here build 1-channel 28x28
+    models and 10 classes, so any other shape is refused.
+    """
+    params = load_params(params_path)
+    cfg = params.data
+    ds = load_source(cfg.source, cfg.root, cfg.channels)
+    if tuple(ds.images.shape[1:]) != (1, 28, 28) or len(ds.classes) != 10:
+        raise SystemExit(f"{params_path}: data.source {cfg.source!r} gives {len(ds.classes)} classes of "
+                         f"{tuple(ds.images.shape[1:])} images; these benchmarks need 10 classes of 1x28x28 "
+                         "(mnist5k, mnist, fashion_mnist)")
+    if cfg.per_class is not None:
+        ds = ds.subset(subsample_per_class(ds.labels, cfg.per_class, make_generator(params.seed, "subset")))
+    split = stratified_split(ds.labels, {"train": -1, "val": cfg.val_size, "test": cfg.test_size},
+                             make_generator(params.seed, "split"))
     return tuple(ds.subset(split[k]) for k in ("train", "val", "test"))
 
 

@@ -27,7 +27,7 @@ Usage:
         [--seeds 100 101 102] [--threads 1] [--split val] [--victims 1] [--select-recipes A B20] \
         [--downstream all|picks] [--out benchmarks/results/trial_scores.json]
 
-Appends one run (keyed by configuration, seed, split and the extra victims) to ``--out``.
+Appends one run to ``--out``, keyed by everything that changes its figures (``run_key``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,22 @@ from poison.bench import RECIPES
 from poison.config import from_dict
 from poison.train import build_model, predict, train_classifier
 from poison.utils import derive_seed, make_generator, update_json
+
+
+#: the options whose defaults stay out of a run's key, so stored keys keep their meaning
+KEY_DEFAULTS = {"seeds": [100, 101, 102], "threads": 1, "victims": 1, "select_recipes": [], "downstream": "all"}
+
+
+def run_key(overrides: dict, args: argparse.Namespace) -> str:
+    """Return the key of one run in ``--out``: everything that changes its figures.
+
+    The configuration, the generator seed and the split always; the downstream seeds, torch
+    threads (part of the training trajectory), validation victims, selection recipes and the
+    downstream mode where they differ from their defaults. Two runs differing in any of them
+    are kept side by side; a rerun of the same command replaces its entry.
+    """
+    extra = {name: getattr(args, name) for name, default in KEY_DEFAULTS.items() if getattr(args, name) != default}
+    return json.dumps({"config": overrides, "seed": args.seed, "split": args.split} | extra, sort_keys=True)
 
 
 def main() -> None:
@@ -138,9 +154,7 @@ def main() -> None:
             if on_val:
                 row[name + "_on_val"] = on_val
         print(trial, json.dumps(row), flush=True)
-    key = json.dumps({"config": overrides, "seed": args.seed, "split": args.split}
-                     | ({"victims": args.victims} if args.victims > 1 else {})
-                     | ({"select_recipes": args.select_recipes} if args.select_recipes else {}), sort_keys=True)
+    key = run_key(overrides, args)
     entry = {"kept_trial": attack.best_trial, "picks": picks, "fit_seconds": round(fit_seconds, 1),
             "metric": "accuracy" if target_map is None else "target_rate", "downstream_seeds": args.seeds,
             "command": "python benchmarks/trial_scores.py " + json.dumps(json.dumps(overrides))

@@ -262,3 +262,46 @@ def test_trial_scores_rejects_bad_arguments_before_training(tmp_path, args, mess
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert run.returncode != 0 and message in run.stderr
     assert not out.exists()  # nothing written
+
+
+def _benchmark_module(name, monkeypatch):
+    import importlib.util
+
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the scripts import their neighbours
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trial_scores_key_names_every_option_that_changes_the_figures(monkeypatch):
+    import argparse
+
+    scores = _benchmark_module("trial_scores", monkeypatch)
+    defaults = dict(seed=0, split="val", **{k: list(v) if isinstance(v, list) else v
+                                            for k, v in scores.KEY_DEFAULTS.items()})
+    plain = json.loads(scores.run_key({"trials": 4}, argparse.Namespace(**defaults)))
+    assert plain == {"config": {"trials": 4}, "seed": 0, "split": "val"}  # the stored keys' form
+    for option, value in [("seeds", [100]), ("threads", 2), ("victims", 3), ("select_recipes", ["A", "B20"]),
+                          ("downstream", "picks")]:
+        key = json.loads(scores.run_key({"trials": 4}, argparse.Namespace(**(defaults | {option: value}))))
+        assert key == plain | {option: value}, option
+
+
+def test_benchmark_split_follows_params_yaml(tmp_path, monkeypatch):
+    import yaml
+
+    from conftest import REPO
+
+    config = _benchmark_module("deepconfuse_config", monkeypatch)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"] |= {"per_class": 40, "val_size": 50, "test_size": 100}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    train, val, test = config.default_split(str(path))
+    assert (len(train.labels), len(val.labels), len(test.labels)) == (250, 50, 100)
+    assert torch.bincount(test.labels, minlength=10).tolist() == [10] * 10  # stratified
+    pools = [set(map(tuple, s.images.flatten(1)[:, ::7].tolist())) for s in (train, val, test)]
+    assert not (pools[0] & pools[2]) and not (pools[1] & pools[2])  # no image in two splits
