@@ -21,3 +21,11 @@ class ShardError(PoisonError):
 
 class CheckpointError(PoisonError):
     """A checkpoint is missing, incomplete or does not match the requested model."""
+
+
+class PoisonedDatasetWarning(UserWarning):
+    """A dataset opened for reading is labelled poisoned by its manifest (``open_dataset``).
+
+    Silence it where poisoned data is expected:
+    ``warnings.simplefilter("ignore", poison.errors.PoisonedDatasetWarning)``.
+    """

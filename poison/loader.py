@@ -16,6 +16,9 @@ Members other than png/cls/json/txt/npy are refused (nothing is ever unpickled).
 (partial poisoning): a fixed subset of ``round(ratio * N)`` sample indices, drawn from
 ``seed``, comes from the poisoned dataset and every other index from ``clean``, the
 clean dataset the poison was made from (checked through the manifest's sha256).
+
+Opening a poisoned dataset (any ratio > 0) warns once per call site with the manifest's
+hazard line (``PoisonedDatasetWarning``; the dataset's ``hazard`` attribute holds it too).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +35,8 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from poison.errors import ShardError
+from poison.card import HAZARD
+from poison.errors import PoisonedDatasetWarning, ShardError
 from poison.shard_reader import _checked_samples, _tar_samples, check_shard_bytes, label_count, parse_manifest, shard_name
 from poison.stores import Store, fetch_from_dvc, open_store
 from poison.utils import make_generator, sha256_bytes
@@ -108,8 +113,9 @@ class ShardDataset(IterableDataset):
     ``label`` is an int, or an int64 0/1 vector (L,) in a multi-label dataset (manifest ``label_type``).
 
     Works with ``torch.utils.data.DataLoader``: each worker reads its own shards. Attributes:
-    ``manifest`` (of the dataset), ``kind`` (clean / poisoned / semantic), ``poisoned``
-    (the sorted indices served from the poisoned set; all of them unless ``ratio`` < 1).
+    ``manifest`` (of the dataset), ``kind`` (clean / poisoned / semantic), ``hazard`` (the
+    manifest's hazard line; None for clean data), ``poisoned`` (the sorted indices served
+    from the poisoned set; all of them unless ``ratio`` < 1).
     """
 
     def __init__(self, source: _Source, split: str, *, clean: _Source | None, ratio: float, seed: int,
@@ -118,6 +124,8 @@ class ShardDataset(IterableDataset):
         self._src, self._clean, self.split = source, clean, split
         self.manifest = source.manifest
         self.kind = source.manifest["kind"]
+        # manifests written before the hazard field: a poisoned dataset is hazardous all the same
+        self.hazard = source.manifest.get("hazard") or (HAZARD if self.kind == "poisoned" else None)
         self.ratio, self.seed, self.verify, self.with_meta, self.dtype = ratio, seed, verify, with_meta, dtype
         self.shuffle = shuffle
         self.epoch = 0
@@ -310,6 +318,8 @@ def open_dataset(
     if tmp:
         ds._tmp = tmp
         weakref.finalize(ds, shutil.rmtree, tmp, True)
+    if ds.kind == "poisoned" and len(ds.poisoned):
+        warnings.warn(f"{source}: {ds.hazard}", PoisonedDatasetWarning, stacklevel=2)
     return ds
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import poison
-from poison.errors import ShardError
+from poison.card import HAZARD
+from poison.errors import PoisonedDatasetWarning, ShardError
 from poison.loader import open_dataset, poisoned_indices, verify_location
 from poison.shards import load_split, read_manifest
 
@@ -63,6 +64,22 @@ def test_with_meta_labels_samples_as_poisoned(poisoned_dataset):
     items = list(open_dataset(poisoned_dataset, with_meta=True))
     assert [m["key"] for _, _, m in items] == [f"train_{i:08d}" for i in range(210)]
     assert all(m["poisoned"] is True and m["kind"] == "poisoned" for _, _, m in items)
+
+
+def test_opening_a_poisoned_dataset_warns_with_its_hazard(poisoned_dataset, clean_dataset):
+    import warnings
+
+    with pytest.warns(PoisonedDatasetWarning) as caught:
+        ds = open_dataset(poisoned_dataset)
+    assert len(caught) == 1 and str(caught[0].message) == f"{poisoned_dataset}: {HAZARD}"
+    assert caught[0].filename == __file__  # points at the caller's line, not the library's
+    assert ds.hazard == HAZARD
+    with pytest.warns(PoisonedDatasetWarning):
+        open_dataset(poisoned_dataset, ratio=0.25, clean=clean_dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: clean data, or a mix that serves no poisoned sample
+        assert open_dataset(clean_dataset).hazard is None
+        open_dataset(poisoned_dataset, ratio=0.0, clean=clean_dataset)
 
 
 def test_every_split_of_a_clean_dataset(clean_dataset):
