@@ -258,10 +258,17 @@ def _downstream(params: Any, clean_path: str, poisoned_path: str,
         out[kind] = {}
         for arch in params.evaluate.archs:
             runs = [r for (ck, ca, _), r in zip(cells, results) if (ck, ca) == (kind, arch)]
-            means = {key: sum(r[key] for r in runs) / len(runs) for key, v in runs[0].items()
-                     if key != "seed" and isinstance(v, float)}
+            means = {key: _mean([r.get(key) for r in runs]) for key in dict.fromkeys(
+                k for r in runs for k, v in r.items() if k != "seed" and (v is None or isinstance(v, float)))}
             out[kind][arch] = {"mean": means, "runs": runs}
     return out
+
+
+def _mean(values: list[Any]) -> float | None:
+    """The mean of one metric over seeds; None when any seed left it undefined (None or missing)."""
+    if not values or not all(isinstance(v, float) for v in values):
+        return None
+    return sum(values) / len(values)
 
 
 def report_dir(params: Any, stage: str) -> Path:

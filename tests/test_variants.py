@@ -191,6 +191,26 @@ def test_downstream_cells_are_the_same_on_one_or_several_worker_threads(session_
     assert one["clean"]["test_cnn"]["runs"][0]["logit_sum"] != one["poisoned"]["test_cnn"]["runs"][0]["logit_sum"]
 
 
+def test_downstream_mean_is_undefined_when_a_seed_leaves_the_metric_undefined(session_params, variant_datasets,
+                                                                           clean_dataset):
+    from poison.variants import _downstream
+
+    params = dataclasses.replace(session_params, evaluate=dataclasses.replace(session_params.evaluate, seeds=[0, 1]),
+                                 orchestration=dataclasses.replace(session_params.orchestration, workers=1))
+    calls = []
+
+    def metrics(logits: torch.Tensor, y: torch.Tensor) -> dict:
+        calls.append(1)  # one call per cell, in order: clean seeds 0, 1, then poisoned seeds 0, 1
+        return {"accuracy": float((logits.argmax(1) == y).float().mean()),
+                "macro_f1": 0.5 if len(calls) % 2 else None}  # like an F1 no label defines
+
+    result = _downstream(params, str(clean_dataset), str(variant_datasets["topk"]), metrics)
+    for kind in ("clean", "poisoned"):
+        mean, runs = result[kind]["test_cnn"]["mean"], result[kind]["test_cnn"]["runs"]
+        assert mean["macro_f1"] is None  # not the first seed's value, not a TypeError
+        assert mean["accuracy"] == pytest.approx(sum(r["accuracy"] for r in runs) / 2)
+
+
 def test_multilabel_stage_refuses_single_label_data(session_params, clean_dataset, tmp_path):
     import shutil
 
