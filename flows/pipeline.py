@@ -14,18 +14,20 @@ from flows.topk import topk
 from flows.evaluate import evaluate
 from flows.poison import poison
 from flows.prepare import prepare
+from flows.report import report
 from flows.train_generator import train_generator
 
 
 @flow(name="pipeline")
 def pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
-    """prepare -> train_generator -> poison -> augment -> evaluate -> topk -> compose -> multilabel (subflows)."""
+    """prepare -> train_generator -> poison -> augment -> evaluate -> report -> topk -> compose -> multilabel (subflows)."""
     return {
         "prepare": prepare(params_path),
         "train_generator": train_generator(params_path),
         "poison": poison(params_path),
         "augment": augment(params_path),
         "evaluate": evaluate(params_path),
+        "report": report(params_path),
         "topk": topk(params_path),
         "compose": compose(params_path),
         "multilabel": multilabel(params_path),

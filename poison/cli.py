@@ -158,6 +158,7 @@ def _inspect_checkpoint(path: Path) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from poison.report import save_sample_grid
     from poison.shards import load_split, manifest_sha256, read_manifest
 
     if Path(args.dir).is_file() or Path(args.dir).suffix == ".pt":
@@ -182,50 +183,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         else:
             clean_images, _, _ = load_split(clean_dir, split)
     out = Path(args.out or f"{m['dataset']}-inspect.png")
-    _save_grid(images, labels, clean_images, m["classes"], out, m)
+    save_sample_grid(images, labels, clean_images, m["classes"], out, m)
     print(f"  grid: {out}")
     return 0
-
-
-def _save_grid(images: torch.Tensor, labels: torch.Tensor, clean: torch.Tensor | None, classes: list[str],
-               out: Path, manifest: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from poison.utils import atomic_path
-
-    cols = ["clean", "poisoned", "perturbation"] if clean is not None else ["image"]
-    fig, axes = plt.subplots(len(classes), len(cols), figsize=(1.4 * len(cols), 1.3 * len(classes)), dpi=100,
-                             squeeze=False)
-    for ci in range(len(classes)):
-        # multi-label: a sample carrying label ci
-        hits = torch.nonzero(labels[:, ci] == 1 if labels.ndim == 2 else labels == ci).flatten()
-        for j, col in enumerate(cols):
-            ax = axes[ci, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if ci == 0:
-                ax.set_title(col, fontsize=8)
-            if j == 0:
-                ax.set_ylabel(classes[ci], fontsize=8)
-            if hits.numel() == 0:
-                continue
-            i = int(hits[0])
-            if col == "perturbation":
-                d = images[i].float() - clean[i].float()
-                scale = max(float(d.abs().max()), 1.0)
-                arr = (d / (2 * scale) + 0.5).clamp(0, 1)
-            else:
-                arr = (clean[i] if col == "clean" else images[i]).float() / 255
-            arr = arr.permute(1, 2, 0).squeeze(-1).numpy()
-            ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=1)
-    fig.suptitle(f"{manifest['dataset']} ({manifest['kind']})", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:  # an interrupted save leaves no half-written figure under its name
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ from poison.variants import compose, fit_generator, multilabel, report_dir, save
 from poison.utils import (atomic_path, atomic_write_json, make_generator, resolve_device, sha256_file,
                           torch_threads)
 
-__all__ = ["prepare", "train_generator", "poison", "evaluate", "load_generator", "STAGES", "CHECKPOINT_FORMAT",
+__all__ = ["prepare", "train_generator", "poison", "evaluate", "report", "load_generator", "STAGES", "CHECKPOINT_FORMAT",
            "topk", "compose", "multilabel",
            "augment", "poison_plan", "poison_shard", "poison_finish", "abandon", "evaluate_plan", "evaluate_cell", "evaluate_finish"]
 
@@ -375,12 +375,20 @@ def evaluate(params: Params) -> dict[str, Any]:
     return evaluate_finish(params, plan, [evaluate_cell(params, plan, cell) for cell in plan["cells"]])
 
 
+def report(params: Params) -> dict[str, Any]:
+    """Write the one-page report (Markdown + HTML) of the core pipeline's outputs (``poison.report``)."""
+    from poison.report import build_report
+
+    return build_report(params)
+
+
 STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {
     "prepare": prepare,
     "train_generator": train_generator,
     "poison": poison,
     "augment": augment,
     "evaluate": evaluate,
+    "report": report,
     "topk": topk,
     "compose": compose,
     "multilabel": multilabel,

@@ -84,7 +84,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> 
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-CORE = ("prepare", "train_generator", "poison", "augment", "evaluate")
+CORE = ("prepare", "train_generator", "poison", "augment", "evaluate", "report")
 VARIANTS = tuple(f"variants/dvc.yaml:{s}" for s in ("topk", "compose", "multilabel"))
 
 
@@ -135,6 +135,9 @@ def test_dvc_repro_end_to_end_then_up_to_date(repro, dvc_env):
         assert 0.0 <= metrics[kind]["test_cnn"]["accuracy_mean"] <= 1.0
     assert metrics["budget"]["within_budget"] is True
     assert (repo / "reports" / "evaluate" / "confusion" / "poisoned_test_cnn.png").is_file()
+    page = (repo / "reports" / "report" / "report.md").read_text()
+    assert read_manifest(poisoned)["hazard"] in page and "`test_cnn`" in page
+    assert (repo / "reports" / "report" / "report.html").is_file() and (repo / "reports" / "report" / "samples.png").is_file()
     assert (repo / "dvc.lock").is_file()
 
     second = _run([dvc, "repro", "--all-pipelines"], repo, dvc_env)

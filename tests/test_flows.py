@@ -44,7 +44,7 @@ def test_dvc_stages_chain_through_declared_paths():
     assert {"${paths.clean}", "${paths.poisoned}"} <= deps["evaluate"]
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train_generator", "poison", "augment", "evaluate", "pipeline"])
+@pytest.mark.parametrize("stage", ["prepare", "train_generator", "poison", "augment", "evaluate", "report", "pipeline"])
 def test_each_flow_module_defines_a_flow_of_the_stage_name(prefect_env, stage):
     from prefect import Flow
 
