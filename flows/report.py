@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -10,24 +9,22 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import load_params_task, main
-from poison import stages
 from poison.config import Params
+from poison.report import build_report
 
 
 @task(name="write-report", cache_policy=NO_CACHE)
 def write_report(params: Params) -> dict[str, Any]:
-    return stages.report(params)
+    return build_report(params)
 
 
 @flow(name="report")
 def report(params_path: str = "params.yaml") -> dict[str, Any]:
     """Write reports/report/{report.md, report.html, samples.png} from what the other stages wrote."""
     result = write_report(load_params_task(params_path))
-    # the page itself, less its images (their paths mean nothing in the Prefect UI)
-    text = (Path(result["path"]) / "report.md").read_text()
-    kept = [line for line in text.splitlines() if not line.startswith("![")]
+    # the page itself, less its figures (their paths mean nothing in the Prefect UI)
     create_markdown_artifact(key="pipeline-report", description=f"{result['path']}/report.html has the figures",
-                             markdown="\n".join(kept))
+                             markdown=result.pop("summary"))
     return result
 
 

@@ -3,10 +3,12 @@ pipeline made and what it measured.
 
 The ``report`` stage reads only what the other stages wrote: the datasets' manifests, the
 generator's summary and curve, the downstream metrics and confusion matrices, the augment
-stage's summary and diagnosis. It computes no new figure except a grid of sample images
-(one training image per class: clean, poisoned, perturbation) read from the shards.
-It refuses to mix runs: metrics that describe another poisoned dataset than the one on disk
-are an error naming the stage to rerun.
+stage's summary and diagnosis. It computes no new metric (it averages per-class accuracy
+over seeds and draws one training image per class: clean, poisoned, perturbation).
+It checks what can be checked against the datasets on disk: downstream metrics that describe
+another clean or poisoned dataset, and a poisoned or augmented set made from another clean
+one, are errors naming the stage to rerun. (The generator's and augment stage's summaries
+record no dataset hash, so they are taken as they are.)
 
 Output (``<paths.reports>/report/``, replaced as a whole folder, never half-written):
 ``report.md`` (images linked by relative path), ``report.html`` (images embedded, one file to
@@ -56,8 +58,8 @@ class ReportError(PoisonError):
 Block = tuple
 
 
-def render_markdown(blocks: list[Block]) -> str:
-    """Return ``blocks`` as GitHub-flavoured Markdown."""
+def render_markdown(blocks: list[Block], images: bool = True) -> str:
+    """Return ``blocks`` as GitHub-flavoured Markdown (``images=False``: without the figures)."""
     out: list[str] = []
     for block in blocks:
         kind = block[0]
@@ -71,14 +73,20 @@ def render_markdown(blocks: list[Block]) -> str:
             out.append("\n".join(f"- {item}" for item in block[1]))
         elif kind == "table":
             header, rows = block[1], block[2]
-            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+            lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
             out.append("\n".join(lines))
         elif kind == "img":
-            out.append(f"![{block[2]}]({block[1]})\n\n*{block[2]}*")
+            if images:
+                out.append(f"![{block[2]}]({block[1]})\n\n*{block[2]}*")
         else:
             raise ValueError(f"unknown report block {kind!r}")
     return "\n\n".join(out) + "\n"
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: a pipe in it does not split the row."""
+    return str(value).replace("|", "\\|")
 
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
@@ -179,14 +187,29 @@ def sample_grid_png(images: torch.Tensor, labels: torch.Tensor, clean: torch.Ten
 
 
 # ---------------------------------------------------------------------------- inputs
-def _read_json(path: Path, stage: str) -> Any:
+#: keys the page reads from each JSON input (a file without one is from an older or damaged run)
+REQUIRED = {
+    "generator_summary": ("best_trial", "trials", "steps", "train_seconds", "device"),
+    "metrics": ("datasets", "clean", "poisoned", "budget", "recipe", "seeds", "test_samples"),
+    "augment_summary": ("victim", "victim_clean_test_accuracy", "victim_accuracy_under_sia_test",
+                        "adversarial_success_rate_train", "adversarial_success_rate_test", "longtail",
+                        "single_attribute_success_rate"),
+}
+
+
+def _read_json(path: Path, stage: str, keys: tuple[str, ...] = ()) -> Any:
     if not path.is_file():
         raise ReportError(f"{path}: missing; the report needs the {stage} stage's output: "
                           f"run `dvc repro {stage}` (or `poison run --stages {stage}`) first")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ReportError(f"{path}: not readable JSON ({exc}); rerun the {stage} stage") from exc
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ReportError(f"{path}: no {missing} (written by an older or interrupted run); rerun the {stage} stage "
+                          f"(`dvc repro -f {stage}`)")
+    return data
 
 
 def _read_manifest(path: str, stage: str) -> dict[str, Any]:
@@ -211,23 +234,32 @@ def _inputs(params: Any) -> dict[str, Any]:
     }
     for key, (stage, rel) in INPUTS.items():
         if rel.endswith(".json"):
-            got[key] = _read_json(reports / rel, stage)
+            got[key] = _read_json(reports / rel, stage, REQUIRED.get(key, ()))
         elif not (reports / rel).is_file():
             raise ReportError(f"{reports / rel}: missing; run `dvc repro {stage}` first")
     # The report must describe one run: every input made from the datasets on disk.
-    for kind in ("poisoned", "augmented"):
-        if got[kind]["source"]["manifest_sha256"] != got["sha"]["clean"]:
-            raise ReportError(f"{getattr(p, kind)}: made from another clean dataset than {p.clean}; rerun "
-                              f"`dvc repro` (the {'poison' if kind == 'poisoned' else 'augment'} stage)")
-    described = got["metrics"].get("datasets", {})
+    for kind, stage in (("poisoned", "poison"), ("augmented", "augment")):
+        source = got[kind].get("source") or {}
+        if source.get("manifest_sha256") != got["sha"]["clean"]:
+            raise ReportError(f"{getattr(p, kind)}: made from another clean dataset than {p.clean} "
+                              f"(its manifest's source.manifest_sha256); rerun the {stage} stage (`dvc repro {stage}`)")
+    metrics_file = reports / INPUTS["metrics"][1]
     for kind in ("clean", "poisoned"):
-        if described.get(kind, {}).get("manifest_sha256") != got["sha"][kind]:
-            raise ReportError(f"{reports / INPUTS['metrics'][1]}: describes another {kind} dataset than "
-                              f"{getattr(p, kind)}; rerun the evaluate stage (`dvc repro evaluate`)")
-    for kind, arch in ((k, a) for k in ("clean", "poisoned") for a in got["metrics"].get(kind, {})):
-        png = reports / "evaluate" / "confusion" / f"{kind}_{arch}.png"
-        if not png.is_file():
-            raise ReportError(f"{png}: missing; rerun the evaluate stage (`dvc repro evaluate`)")
+        described = (got["metrics"]["datasets"].get(kind) or {}).get("manifest_sha256")
+        if described != got["sha"][kind]:
+            raise ReportError(f"{metrics_file}: describes another {kind} dataset than {getattr(p, kind)} "
+                              f"(datasets.{kind}.manifest_sha256); rerun the evaluate stage (`dvc repro evaluate`)")
+    for kind in ("clean", "poisoned"):
+        for arch, res in got["metrics"][kind].items():
+            if not isinstance(res, dict) or not {"accuracy_mean", "accuracy_min", "accuracy_max", "runs"} <= set(res):
+                raise ReportError(f"{metrics_file}: {kind}.{arch} lacks accuracy_mean/min/max or runs; rerun the "
+                                  "evaluate stage (`dvc repro -f evaluate`)")
+            png = reports / "evaluate" / "confusion" / f"{kind}_{arch}.png"
+            if not png.is_file():
+                raise ReportError(f"{png}: missing; rerun the evaluate stage (`dvc repro -f evaluate`)")
+    if set(got["metrics"]["clean"]) != set(got["metrics"]["poisoned"]):
+        raise ReportError(f"{metrics_file}: the clean and poisoned sections name different classifiers; rerun the "
+                          "evaluate stage (`dvc repro -f evaluate`)")
     return got
 
 
@@ -237,7 +269,9 @@ def _pct(x: float | None, digits: int = 2) -> str:
 
 
 def _spread(d: dict[str, Any], key: str) -> str:
-    return f"{_pct(d[f'{key}_mean'])} ({_pct(d[f'{key}_min'])}-{_pct(d[f'{key}_max'])})"
+    if d.get(f"{key}_mean") is None:
+        return "-"
+    return f"{_pct(d[f'{key}_mean'])} ({_pct(d.get(f'{key}_min'))}-{_pct(d.get(f'{key}_max'))})"
 
 
 def _samples(manifest: dict[str, Any]) -> str:
@@ -248,12 +282,24 @@ def _budget(manifest: dict[str, Any]) -> str:
     b = manifest.get("budget") or {}
     if not b:
         return "-"
-    text = f"{b.get('norm', 'linf')} eps {b['eps']}"
+    text = f"{b.get('norm', 'linf')} eps {b.get('eps')}"
     if "levels" in b:
-        text += f" ({b['levels']}/255; largest used {b.get('max_levels_used')}/255, mean change {b['mean_abs']:.3f})"
-    elif "max_image_linf_used" in b:
-        text += f" on pixels (largest used {b['max_image_linf_used']:.3f}) + transforms of {', '.join(b.get('attributes', {}))}"
+        text += f" ({b['levels']}/255; largest used {b.get('max_levels_used')}/255"
+        text += f", mean change {b['mean_abs']:.3f})" if b.get("mean_abs") is not None else ")"
+    elif b.get("max_image_linf_used") is not None:
+        text += f" on pixels (largest used {b['max_image_linf_used']:.3f})"
+        text += f" + transforms of {', '.join(b['attributes'])}" if b.get("attributes") else ""
     return text
+
+
+def _per_class_means(runs: list[dict[str, Any]], n: int) -> list[str]:
+    """Per-class accuracy in %, mean over the runs that define it ("-" where none does: class absent)."""
+    out = []
+    for c in range(n):
+        values = [r["per_class_accuracy"][c] for r in runs
+                  if len(r.get("per_class_accuracy") or []) == n and r["per_class_accuracy"][c] is not None]
+        out.append(f"{100 * sum(values) / len(values):.1f}" if values else "-")
+    return out
 
 
 def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
@@ -262,19 +308,20 @@ def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
     gsum, curve, metrics, aug = got["generator_summary"], got["generator_curve"], got["metrics"], got["augment_summary"]
     cfg = poisoned.get("config") or {}
     classes = clean["classes"]
-    revs = sorted({str((m.get("package") or {}).get("git_rev")) for m in (poisoned, augmented)})
+    revs = sorted({str((m.get("package") or {}).get("git_rev") or "unknown") for m in (poisoned, augmented)})
     blocks: list[Block] = [
         ("h", 1, f"Pipeline report: `{poisoned['dataset']}`"),
         ("warn", poisoned.get("hazard") or "POISONED DATA"),
         ("p", f"Written by the `report` stage from the files the other stages wrote (each section names "
-              f"them); it measures nothing itself. Code revision of the datasets: {', '.join(f'`{r}`' for r in revs)}."),
+              f"them); it computes no new metric. Code revision that made the datasets: "
+              f"{', '.join(f'`{r}`' for r in revs)}."),
         ("h", 2, "Datasets"),
         ("table", ["dataset", "kind", "method", "samples", "budget", "path", "manifest sha256"],
          [[f"`{m['dataset']}`", m["kind"], m.get("method") or "-", _samples(m), _budget(m), f"`{path}`",
            f"`{got['sha'][key][:12]}`"]
           for key, m, path in (("clean", clean, p.clean), ("poisoned", poisoned, p.poisoned),
                                ("augmented", augmented, p.augmented))]),
-        ("p", f"`{augmented['dataset']}`: {augmented.get('hazard') or ''}"),
+        ("p", f"`{augmented['dataset']}`: {augmented.get('hazard') or 'no hazard line in its manifest'}"),
         ("img", "samples.png", "One training image per class: clean, poisoned, and the perturbation "
                                "(grey = no change, scaled to its largest change)"),
     ]
@@ -283,68 +330,73 @@ def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
     tm = cfg.get("target_map")
     goal = "untargeted (any wrong class)" if target == "untargeted" else (
         f"{target}, target map {tm}" if tm is not None else target)
-    scored = [r for r in curve if r.get("val_accuracy") is not None]
-    kept = gsum.get("best_trial")
+    restarts = gsum.get("restarts", 1)
+    kept_run = gsum.get("best_restart", 0)
+    scored = [r for r in curve if r.get("val_accuracy") is not None and r.get("restart", 0) == kept_run]
+    effort = (f"{gsum['trials']} trials, {gsum['steps']} generator steps" if restarts == 1
+              else f"{restarts} runs of {gsum['trials']} trials each, the best kept")
     blocks += [
         ("h", 2, "Generator (`train_generator`)"),
         ("ul", [
             f"DeepConfuse, {goal}; generator `{cfg.get('generator')}` against surrogate `{cfg.get('surrogate')}`, "
             f"objective `{cfg.get('objective')}`"
             + (f", loss `{cfg.get('untargeted_loss')}`" if target == "untargeted" else ""),
-            f"{gsum.get('trials')} trials x {gsum.get('restarts', 1)} run(s), {gsum.get('steps')} generator steps, "
-            f"{gsum.get('train_seconds')} s of training on {gsum.get('device')}",
-            f"kept: trial {kept} (0-based) of run {gsum.get('best_restart', 0)}, chosen on the **validation** split: "
-            f"a victim trained on its stored poison scores {_pct(gsum.get('best_val_accuracy'), 1)} clean val accuracy"
+            f"{effort}; {gsum['train_seconds']} s of training on {gsum['device']}",
+            f"kept: trial {gsum['best_trial']} (0-based)" + (f" of run {kept_run}" if restarts > 1 else "")
+            + ", chosen on the **validation** split: a victim trained on its stored poison scores "
+            f"{_pct(gsum.get('best_val_accuracy'), 1)} clean val accuracy"
             + (f", target rate {_pct(gsum['best_val_target_rate'], 1)}" if gsum.get("best_val_target_rate") is not None
-               else "") + f" ({len(scored)} trials scored)",
+               else "") + f" ({len(scored)} trials of that run scored)",
             f"files: `{p.reports}/train_generator/summary.json`, `curve.json`; checkpoint `{p.generator}`",
         ]),
         ("img", "../train_generator/curve.png", "Validation victim's clean accuracy on each scored trial's poison"),
     ]
     # evaluate
-    recipe = metrics.get("recipe", {})
-    budget = metrics.get("budget", {})
-    label_specific = any("target_rate_mean" in r for r in metrics.get("poisoned", {}).values())
+    recipe, budget = metrics["recipe"], metrics["budget"]
+    archs = list(metrics["poisoned"])
+    targeted = any(metrics[k][a].get("target_rate_mean") is not None for k in ("clean", "poisoned") for a in archs)
     header = ["classifier", "trained on clean data", "trained on the poison"] + (
-        ["target rate"] if label_specific else [])
+        ["target rate, clean-trained", "target rate, poison-trained"] if targeted else [])
     rows = []
-    for arch, res in metrics.get("poisoned", {}).items():
-        row = [f"`{arch}`", _spread(metrics["clean"][arch], "accuracy"), _spread(res, "accuracy")]
-        if label_specific:
-            row.append(_spread(res, "target_rate") if "target_rate_mean" in res else "-")
+    for arch in archs:
+        row = [f"`{arch}`", _spread(metrics["clean"][arch], "accuracy"), _spread(metrics["poisoned"][arch], "accuracy")]
+        if targeted:
+            row += [_spread(metrics["clean"][arch], "target_rate"), _spread(metrics["poisoned"][arch], "target_rate")]
         rows.append(row)
-    per_class = []
-    for kind in ("clean", "poisoned"):
-        for arch, res in metrics.get(kind, {}).items():
-            accs = torch.tensor([r["per_class_accuracy"] for r in res["runs"]], dtype=torch.float64).mean(0)
-            per_class.append([f"`{arch}` on {kind}"] + [f"{100 * float(a):.1f}" for a in accs])
+    per_class = [[f"`{arch}` on {kind}"] + _per_class_means(metrics[kind][arch]["runs"], len(classes))
+                 for kind in ("clean", "poisoned") for arch in archs]
+    if budget.get("max_linf_stored") is None or budget.get("eps") is None:
+        stored = "Stored perturbation: not recorded in metrics.json."
+    else:
+        stored = (f"Stored perturbation: largest change {budget['max_linf_stored']:.4f} against eps {budget['eps']}: "
+                  + ("**within budget**." if budget.get("within_budget") else "**OVER BUDGET**."))
     blocks += [
         ("h", 2, "Downstream classifiers (`evaluate`)"),
         ("p", f"Each classifier trained from scratch on the dataset's training split "
               f"({recipe.get('optimizer')} lr {recipe.get('lr')}, {recipe.get('epochs')} epochs, batch "
-              f"{recipe.get('batch_size')}), seeds {metrics.get('seeds')}, then tested on the **clean test split** "
-              f"({metrics.get('test_samples')} images). Accuracy: mean over seeds (min-max)."),
+              f"{recipe.get('batch_size')}), seeds {metrics['seeds']}, then tested on the **clean test split** "
+              f"({metrics['test_samples']} images). Accuracy: mean over seeds (min-max)."
+              + (" Target rate: the share of test images answered with their target class t(y)." if targeted else "")),
         ("table", header, rows),
-        ("p", f"Stored perturbation: largest change {budget.get('max_linf_stored', float('nan')):.4f} against eps "
-              f"{budget.get('eps')}: " + ("**within budget**." if budget.get("within_budget") else "**OVER BUDGET**.")),
+        ("p", stored),
         ("p", "Per-class clean test accuracy, % (mean over seeds):"),
         ("table", ["model"] + classes, per_class),
     ]
     for kind in ("clean", "poisoned"):
-        for arch in metrics.get(kind, {}):
+        for arch in archs:
             blocks.append(("img", f"../evaluate/confusion/{kind}_{arch}.png",
                            f"Confusion matrix of `{arch}` trained on {kind} data (first seed), clean test split"))
     blocks.append(("p", f"File: `{p.reports}/evaluate/metrics.json` (every run, confusion matrices)."))
     # augment
-    tail = aug.get("longtail", {})
+    tail = aug["longtail"] or {}
     blocks += [
         ("h", 2, "Semantic augmentation (`augment`)"),
         ("ul", [
-            f"victim `{aug.get('victim')}` trained on clean data: clean test accuracy "
-            f"{_pct(aug.get('victim_clean_test_accuracy'))}, under the semantic attack "
-            f"{_pct(aug.get('victim_accuracy_under_sia_test'))}",
-            f"attack success: {_pct(aug.get('adversarial_success_rate_train'))} of training images, "
-            f"{_pct(aug.get('adversarial_success_rate_test'))} of test images",
+            f"victim `{aug['victim']}` trained on clean data: clean test accuracy "
+            f"{_pct(aug['victim_clean_test_accuracy'])}, under the semantic attack "
+            f"{_pct(aug['victim_accuracy_under_sia_test'])}",
+            f"attack success: {_pct(aug['adversarial_success_rate_train'])} of training images, "
+            f"{_pct(aug['adversarial_success_rate_test'])} of test images",
             f"long-tailed split (imbalance {tail.get('imbalance_ratio')}): class counts {tail.get('class_counts')}, "
             f"filled with {tail.get('variants')} attacked variants ({_pct(tail.get('variant_success_rate'))} "
             "of them successful attacks)",
@@ -352,10 +404,36 @@ def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
             "classifier on this set",
         ]),
         ("table", ["attribute alone", "success rate"],
-         [[f"`{k}`", _pct(v, 1)] for k, v in (aug.get("single_attribute_success_rate") or {}).items()]),
+         [[f"`{k}`", _pct(v, 1)] for k, v in (aug["single_attribute_success_rate"] or {}).items()]),
         ("img", "../augment/diagnosis.png", "Which attributes the successful semantic attacks used"),
     ]
     return blocks
+
+
+def _first_per_class(params: Any, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first poisoned training sample of each class and its clean original: (poisoned, clean, labels).
+
+    Reads the two training splits side by side and stops once every class is found; a sample whose
+    key or label differs between them means the poison was not made from this clean set.
+    """
+    from poison.shards import iter_samples
+
+    p = params.paths
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for c, q in zip(iter_samples(p.clean, "train"), iter_samples(p.poisoned, "train")):
+        if c["key"] != q["key"] or not torch.equal(torch.as_tensor(c["label"]), torch.as_tensor(q["label"])):
+            raise ReportError(f"{p.poisoned}: training sample {q['key']!r} does not match {p.clean}'s "
+                              f"{c['key']!r}; rerun the poison stage (`dvc repro poison`)")
+        label = int(q["label"])
+        if label not in found:
+            found[label] = (q["image"], c["image"])
+        if len(found) == len(classes):
+            break
+    order = sorted(found)
+    if not order:
+        raise ReportError(f"{p.poisoned}: no training samples; rerun the poison stage (`dvc repro poison`)")
+    return (torch.stack([found[k][0] for k in order]), torch.stack([found[k][1] for k in order]),
+            torch.tensor(order, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------- stage
@@ -363,44 +441,27 @@ def build_report(params: Any) -> dict[str, Any]:
     """Write ``<paths.reports>/report/`` (report.md, report.html, samples.png); return what was written.
 
     The folder is built beside its final place and swapped in whole: an interrupted run leaves
-    the previous report (or none), never a mix.
+    the previous report (or none), never a mix. ``summary`` is the page without its figures.
     """
-    from poison.shards import load_split
-
     got = _inputs(params)
-    p = params.paths
-    images, labels, _ = load_split(p.poisoned, "train")
-    clean_images, clean_labels, _ = load_split(p.clean, "train")
-    if clean_images.shape != images.shape or not torch.equal(clean_labels, labels):
-        raise ReportError(f"{p.poisoned}: its training split does not match {p.clean}'s sample for sample; "
-                          "rerun the poison stage (`dvc repro poison`)")
-    out = Path(p.reports) / "report"
+    if got["clean"].get("label_type") == "multi_label":
+        raise ReportError(f"{params.paths.clean}: multi-label; the core pipeline's report needs single-label data")
+    blocks = _blocks(params, got)
+    poisoned, clean, labels = _first_per_class(params, got["clean"]["classes"])
+    out = Path(params.paths.reports) / "report"
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_folders(out, marker="report.md")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         (staging / "samples.png").write_bytes(
-            sample_grid_png(images, labels, clean_images, got["clean"]["classes"], got["poisoned"]))
-        blocks = _blocks(params, got)
-        # the HTML embeds images relative to the final folder: the stage's other reports, and samples.png
+            sample_grid_png(poisoned, labels, clean, got["clean"]["classes"], got["poisoned"]))
         (staging / "report.md").write_text(render_markdown(blocks))
-        (staging / "report.html").write_text(render_html(_rebase(blocks, staging, out), out.parent,
+        # image paths are relative to the report folder; the staging folder sits beside it
+        (staging / "report.html").write_text(render_html(blocks, staging,
                                                          f"Pipeline report: {got['poisoned']['dataset']}"))
         swap_in_folder(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return {"path": str(out), "files": ["report.md", "report.html", "samples.png"]}
-
-
-def _rebase(blocks: list[Block], staging: Path, out: Path) -> list[Block]:
-    """Image blocks re-pointed from the report folder to its parent (samples.png: the staging copy)."""
-    rebased = []
-    for block in blocks:
-        if block[0] == "img":
-            rel = block[1]
-            target = (staging / rel) if not rel.startswith("../") else (out / rel)
-            rebased.append(("img", str(target.resolve().relative_to(out.parent.resolve())), block[2]))
-        else:
-            rebased.append(block)
-    return rebased
+    return {"path": str(out), "files": ["report.html", "report.md", "samples.png"],
+            "summary": render_markdown(blocks, images=False)}

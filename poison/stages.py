@@ -379,7 +379,9 @@ def report(params: Params) -> dict[str, Any]:
     """Write the one-page report (Markdown + HTML) of the core pipeline's outputs (``poison.report``)."""
     from poison.report import build_report
 
-    return build_report(params)
+    result = build_report(params)
+    result.pop("summary")  # the page's text: the Prefect flow shows it, `poison run` prints only where it went
+    return result
 
 
 STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {

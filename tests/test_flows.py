@@ -44,6 +44,17 @@ def test_dvc_stages_chain_through_declared_paths():
     assert {"${paths.clean}", "${paths.poisoned}"} <= deps["evaluate"]
 
 
+def test_report_stage_declares_every_file_it_reads():
+    from poison.report import INPUTS
+
+    deps = set(STAGES["report"]["deps"])
+    assert {f"${{paths.reports}}/{rel}" for _, rel in INPUTS.values()} <= deps
+    assert {"${paths.reports}/evaluate/confusion", "${paths.clean}", "${paths.poisoned}", "${paths.augmented}"} <= deps
+    # and reads nothing it does not declare: every declared report file is one of its inputs
+    declared = {d for d in deps if d.startswith("${paths.reports}/")}
+    assert declared == {f"${{paths.reports}}/{rel}" for _, rel in INPUTS.values()} | {"${paths.reports}/evaluate/confusion"}
+
+
 @pytest.mark.parametrize("stage", ["prepare", "train_generator", "poison", "augment", "evaluate", "report", "pipeline"])
 def test_each_flow_module_defines_a_flow_of_the_stage_name(prefect_env, stage):
     from prefect import Flow

@@ -281,6 +281,14 @@ def test_whole_pipeline_twice_gives_identical_bytes(tmp_path, monkeypatch):
     assert (runs["first"] / "models" / "generator.pt").read_bytes() == (runs["second"] / "models" / "generator.pt").read_bytes()
     ma = (runs["first"] / "reports" / "evaluate" / "metrics.json").read_bytes()
     assert ma == (runs["second"] / "reports" / "evaluate" / "metrics.json").read_bytes()
+    # the report too, but for the generator's training seconds it quotes
+    pages = [_files(runs[name] / "reports" / "report") for name in ("first", "second")]
+    assert sorted(pages[0]) == ["report.html", "report.md", "samples.png"]
+    assert pages[0]["samples.png"] == pages[1]["samples.png"]
+    seconds = re.compile(rb"[0-9.]+ s of training")
+    for name in ("report.md", "report.html"):
+        assert seconds.search(pages[0][name]), name
+        assert seconds.sub(b"", pages[0][name]) == seconds.sub(b"", pages[1][name]), name
     # the stored poison is within budget
     x, _, _ = load_split(runs["first"] / "data/shards/mnist5k", "train")
     x_p, _, _ = load_split(runs["first"] / "data/shards/mnist5k-deepconfuse", "train")
