@@ -16,11 +16,13 @@ from flows.poison import poison
 from flows.prepare import prepare
 from flows.report import report
 from flows.train_generator import train_generator
+from flows.variants_report import variants_report
 
 
 @flow(name="pipeline")
 def pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
-    """prepare -> train_generator -> poison -> augment -> evaluate -> report -> topk -> compose -> multilabel (subflows)."""
+    """prepare -> train_generator -> poison -> augment -> evaluate -> report -> topk -> compose -> multilabel
+    -> variants_report (subflows)."""
     return {
         "prepare": prepare(params_path),
         "train_generator": train_generator(params_path),
@@ -31,6 +33,7 @@ def pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
         "topk": topk(params_path),
         "compose": compose(params_path),
         "multilabel": multilabel(params_path),
+        "variants_report": variants_report(params_path),
     }
 
 

@@ -1,6 +1,7 @@
 """The ``poison`` command line: run the pipeline, inspect and verify datasets.
 
-    poison run [--params params.yaml] [--stages prepare train_generator poison augment evaluate topk compose multilabel]
+    poison run [--params params.yaml] [--stages prepare train_generator poison augment evaluate report
+                                            topk compose multilabel variants_report]
     poison inspect DIR [--clean DIR] [--out grid.png]
     poison inspect CHECKPOINT.pt
     poison verify DIR|URL

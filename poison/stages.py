@@ -12,8 +12,10 @@ Stages and what they write (paths from the ``paths`` section of params.yaml):
   (``poison.augment``).
 - ``evaluate``: downstream classifiers trained on clean and on poisoned shards,
   tested on the clean test split: metrics.json and confusion-matrix PNGs.
+- ``report``: one page (Markdown + HTML) of the stages above (``poison.report``).
 - ``topk``, ``compose``, ``multilabel``: the ordered top-k poison, the multi-label
   composites and their poison, each evaluated downstream (``poison.variants``).
+- ``variants_report``: one page of those three (``poison.report.variants``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from poison.utils import (atomic_path, atomic_write_json, make_generator, resolv
                           torch_threads)
 
 __all__ = ["prepare", "train_generator", "poison", "evaluate", "report", "load_generator", "STAGES", "CHECKPOINT_FORMAT",
-           "topk", "compose", "multilabel",
+           "topk", "compose", "multilabel", "variants_report",
            "augment", "poison_plan", "poison_shard", "poison_finish", "abandon", "evaluate_plan", "evaluate_cell", "evaluate_finish"]
 
 log = logging.getLogger(__name__)
@@ -94,29 +96,11 @@ def train_generator(params: Params, on_trial: Callable[[TrialRecord], None] | No
 
 
 def _plot_curve(records: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from poison.report.render import curve_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
-    restarts = sorted({r.get("restart", 0) for r in records})
-    for restart in restarts:
-        pts = [r for r in records if r["val_accuracy"] is not None and r.get("restart", 0) == restart]
-        run = f" (run {restart})" if len(restarts) > 1 else ""
-        ax.plot([r["trial"] for r in pts], [r["val_accuracy"] for r in pts], marker="o",
-                label="clean val accuracy" + run)
-        if pts and pts[0]["val_target_rate"] is not None:
-            ax.plot([r["trial"] for r in pts], [r["val_target_rate"] for r in pts], marker="s",
-                    label="target rate" + run)
-    ax.set_xlabel("trial")
-    ax.set_ylim(0, 1)
-    ax.set_title("victim trained on the current poison", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    png = curve_png(records)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
+        tmp.write_bytes(png)
 
 
 _CHECKPOINT_KEYS = {"generator_arch", "in_channels", "image_size", "num_classes", "eps", "target_map",
@@ -384,6 +368,15 @@ def report(params: Params) -> dict[str, Any]:
     return result
 
 
+def variants_report(params: Params) -> dict[str, Any]:
+    """Write the one-page report of the variants pipeline (top-k, multi-label; ``poison.report.variants``)."""
+    from poison.report import build_variants_report
+
+    result = build_variants_report(params)
+    result.pop("summary")
+    return result
+
+
 STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {
     "prepare": prepare,
     "train_generator": train_generator,
@@ -394,4 +387,5 @@ STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {
     "topk": topk,
     "compose": compose,
     "multilabel": multilabel,
+    "variants_report": variants_report,
 }

@@ -329,7 +329,7 @@ def multilabel(params: Any) -> dict[str, Any]:
     clean = read_manifest(clean_path)
     if clean.get("label_type") != "multi_label":
         raise ShardError(f"{clean_path}: not a multi-label dataset (label_type {clean.get('label_type')!r}); "
-                         "run the compose stage first (`dvc repro compose`)")
+                         "run the compose stage first (`dvc repro variants/dvc.yaml:compose`)")
     device = resolve_device(params.device)
     with torch_threads(cfg.threads):
         attack, summary = fit_generator(cfg.generator, clean_path, params.seed, device, multi_label=True,

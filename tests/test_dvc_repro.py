@@ -85,7 +85,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> 
 
 
 CORE = ("prepare", "train_generator", "poison", "augment", "evaluate", "report")
-VARIANTS = tuple(f"variants/dvc.yaml:{s}" for s in ("topk", "compose", "multilabel"))
+VARIANTS = tuple(f"variants/dvc.yaml:{s}" for s in ("topk", "compose", "multilabel", "variants_report"))
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,25 @@ def test_report_stage_declares_every_file_it_reads():
     assert declared == {f"${{paths.reports}}/{rel}" for _, rel in INPUTS.values()} | {"${paths.reports}/evaluate/confusion"}
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train_generator", "poison", "augment", "evaluate", "report", "pipeline"])
+def test_variants_report_stage_declares_every_file_it_reads():
+    from poison.report import VARIANT_INPUTS
+
+    deps = set(STAGES["variants_report"]["deps"])
+    datasets = {"${paths.clean}", "${paths.topk_poisoned}", "${paths.multilabel_clean}", "${paths.multilabel_poisoned}"}
+    assert datasets <= deps
+    declared = {d for d in deps if d.startswith("${paths.reports}/")}
+    assert declared == {f"${{paths.reports}}/{rel}" for _, rel in VARIANT_INPUTS.values()}
+    # the stages it reads from are in its own pipeline file and declare what it reads as outputs
+    for stage, rel in VARIANT_INPUTS.values():
+        spec = STAGES[stage]
+        assert spec["pipeline"] == STAGES["variants_report"]["pipeline"] == "variants/dvc.yaml"
+        declared = [next(iter(o)) if isinstance(o, dict) else o
+                    for key in ("outs", "metrics", "plots") for o in spec.get(key, [])]
+        assert f"${{paths.reports}}/{rel}" in declared, (stage, rel)
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train_generator", "poison", "augment", "evaluate", "report", "topk",
+                                   "compose", "multilabel", "variants_report", "pipeline"])
 def test_each_flow_module_defines_a_flow_of_the_stage_name(prefect_env, stage):
     from prefect import Flow
 

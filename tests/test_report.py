@@ -1,4 +1,5 @@
-"""poison/report.py: the report stage's one page (Markdown + HTML) of the core pipeline's outputs."""
+"""poison/report/ (core.py, render.py, inputs.py): the report stage's one page (Markdown + HTML) of the core
+pipeline's outputs; the variants pipeline's page is in test_variants_report.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from poison import report as rep
+from poison.report import render as rep_render
 from poison import stages
 from poison.config import to_dict
 from poison.report import ReportError, build_report, render_html, render_markdown
@@ -135,7 +136,7 @@ def test_a_missing_input_names_the_file_and_stage_and_keeps_the_previous_report(
     out = Path(params.paths.reports) / "report"
     before = _files(out)
     (Path(params.paths.reports) / missing).unlink()
-    with pytest.raises(ReportError, match=rf"{re.escape(missing)}: missing.*dvc repro (-f )?{stage}"):
+    with pytest.raises(ReportError, match=rf"{re.escape(missing)}: missing.*dvc repro (-s -f )?{stage}"):
         build_report(params)
     assert _files(out) == before
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".report")] == []
@@ -168,7 +169,7 @@ def test_an_augmented_set_made_from_another_clean_set_is_refused(params, tmp_pat
 
 
 def test_poisoned_samples_that_do_not_match_the_clean_ones_are_refused(params, monkeypatch):
-    import poison.shards as shards  # report.py imports iter_samples from it when it runs
+    import poison.shards as shards  # poison.report imports iter_samples from it when it runs
 
     original = shards.iter_samples
 
@@ -191,7 +192,7 @@ def test_a_failure_while_writing_leaves_the_previous_report_whole(params, monkey
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rep, "render_html", broken)
+    monkeypatch.setattr(rep_render, "render_html", broken)
     with pytest.raises(OSError, match="disk full"):
         build_report(params)
     assert _files(out) == before

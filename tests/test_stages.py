@@ -243,6 +243,7 @@ def test_every_output_declared_in_dvc_yaml_is_written(evaluated, augmented_datas
     # dvc repro fails when a declared output is missing, e.g. a plot named after an arch
     # that params.yaml does not evaluate.
     stages.report(session_params)  # the last core stage: it reads the others' outputs
+    stages.variants_report(session_params)  # the last variants stage
     missing = [f"{stage}: {path}" for stage, paths in _declared_outputs(session_params).items()
                for path in paths if not Path(path).exists()]
     assert missing == []
@@ -290,6 +291,14 @@ def test_whole_pipeline_twice_gives_identical_bytes(tmp_path, monkeypatch):
     for name in ("report.md", "report.html"):
         assert seconds.search(pages[0][name]), name
         assert seconds.sub(b"", pages[0][name]) == seconds.sub(b"", pages[1][name]), name
+    variant_pages = [_files(runs[name] / "reports" / "variants_report") for name in ("first", "second")]
+    assert sorted(variant_pages[0]) == ["multilabel_curve.png", "multilabel_samples.png", "report.html", "report.md",
+                                        "topk_curve.png", "topk_samples.png"]
+    for name in variant_pages[0]:
+        if name.endswith(".png"):
+            assert variant_pages[0][name] == variant_pages[1][name], name
+        else:
+            assert seconds.sub(b"", variant_pages[0][name]) == seconds.sub(b"", variant_pages[1][name]), name
     # the stored poison is within budget
     x, _, _ = load_split(runs["first"] / "data/shards/mnist5k", "train")
     x_p, _, _ = load_split(runs["first"] / "data/shards/mnist5k-deepconfuse", "train")
