@@ -144,14 +144,19 @@ def test_metrics_of_another_poisoned_dataset_are_refused(params, stage):
     assert not (Path(params.paths.reports) / "variants_report").exists()
 
 
-def test_a_multilabel_poison_made_from_other_composites_is_refused(params, tmp_path):
-    copy = tmp_path / "poisoned"
-    shutil.copytree(params.paths.multilabel_poisoned, copy)
+@pytest.mark.parametrize("key, message", [
+    ("multilabel_poisoned", r"made from another multi-label dataset than .*rerun the multilabel stage"),
+    ("topk_poisoned", r"made from another clean dataset than .*rerun the topk stage"),
+    ("multilabel_clean", r"made from another clean dataset than .*rerun the compose stage"),
+])
+def test_a_dataset_made_from_another_source_is_refused(params, tmp_path, key, message):
+    copy = tmp_path / key
+    shutil.copytree(getattr(params.paths, key), copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["source"]["manifest_sha256"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    other = dataclasses.replace(params, paths=dataclasses.replace(params.paths, multilabel_poisoned=str(copy)))
-    with pytest.raises(ReportError, match=r"poisoned: made from another multi-label dataset.*rerun the multilabel"):
+    other = dataclasses.replace(params, paths=dataclasses.replace(params.paths, **{key: str(copy)}))
+    with pytest.raises(ReportError, match=rf"{key}: {message}"):
         build_variants_report(other)
 
 
@@ -186,17 +191,6 @@ def test_a_curve_from_another_run_is_refused(params):
     path.write_text(json.dumps(curve))
     with pytest.raises(ReportError, match=r"topk/curve\.json: no record of the kept trial \d+ .*another run"):
         build_variants_report(params)
-
-
-def test_a_topk_poison_made_from_another_clean_set_is_refused(params, tmp_path):
-    copy = tmp_path / "topk"
-    shutil.copytree(params.paths.topk_poisoned, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["source"]["manifest_sha256"] = "0" * 64
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    other = dataclasses.replace(params, paths=dataclasses.replace(params.paths, topk_poisoned=str(copy)))
-    with pytest.raises(ReportError, match=r"topk: made from another clean dataset than .*rerun the topk stage"):
-        build_variants_report(other)
 
 
 def test_multilabel_samples_cover_every_label_the_training_split_carries(params):

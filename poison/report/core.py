@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from poison.report.inputs import (ReportError, budget as budget_text, check_described, check_source,
-                                  first_per_class, pct, read_json, read_manifest, rerun, revisions, samples, spread)
+                                  first_per_class, pct, per_class_means, read_json, read_manifest, rerun, revisions,
+                                  samples, spread)
 from poison.report.render import Block, render_markdown, sample_grid_png, write_page
 
 __all__ = ["INPUTS", "build_report"]
@@ -86,16 +87,6 @@ def _inputs(params: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- content
-def _per_class_means(runs: list[dict[str, Any]], n: int) -> list[str]:
-    """Per-class accuracy in %, mean over the runs that define it ("-" where none does: class absent)."""
-    out = []
-    for c in range(n):
-        values = [r["per_class_accuracy"][c] for r in runs
-                  if len(r.get("per_class_accuracy") or []) == n and r["per_class_accuracy"][c] is not None]
-        out.append(f"{100 * sum(values) / len(values):.1f}" if values else "-")
-    return out
-
-
 def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
     p = params.paths
     clean, poisoned, augmented = got["clean"], got["poisoned"], got["augmented"]
@@ -156,7 +147,8 @@ def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
         if targeted:
             row += [spread(metrics["clean"][arch], "target_rate"), spread(metrics["poisoned"][arch], "target_rate")]
         rows.append(row)
-    per_class = [[f"`{arch}` on {kind}"] + _per_class_means(metrics[kind][arch]["runs"], len(classes))
+    per_class = [[f"`{arch}` on {kind}"]
+                 + per_class_means(metrics[kind][arch]["runs"], "per_class_accuracy", len(classes))
                  for kind in ("clean", "poisoned") for arch in archs]
     if budget.get("max_linf_stored") is None or budget.get("eps") is None:
         stored = "Stored perturbation: not recorded in metrics.json."

@@ -16,7 +16,7 @@ import torch
 from poison.errors import PoisonError
 
 __all__ = ["ReportError", "dvc_target", "rerun", "read_json", "read_manifest", "check_source", "check_described", "first_per_class",
-           "pct", "spread", "samples", "budget", "revisions"]
+           "pct", "spread", "per_class_means", "samples", "budget", "revisions"]
 
 
 class ReportError(PoisonError):
@@ -128,6 +128,18 @@ def spread(d: dict[str, Any], key: str) -> str:
     if d.get(f"{key}_mean") is None:
         return "-"
     return f"{pct(d[f'{key}_mean'])} ({pct(d.get(f'{key}_min'))}-{pct(d.get(f'{key}_max'))})"
+
+
+def per_class_means(runs: list[dict[str, Any]], key: str, n: int) -> list[str]:
+    """Each run's per-class list ``key`` (n values), mean over the runs that define it, in %.
+
+    "-" where no run does (a class absent from the test split, or never present nor predicted).
+    """
+    out = []
+    for c in range(n):
+        values = [r[key][c] for r in runs if len(r.get(key) or []) == n and r[key][c] is not None]
+        out.append(f"{100 * sum(values) / len(values):.1f}" if values else "-")
+    return out
 
 
 def samples(manifest: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from poison.report.inputs import (ReportError, budget, check_described, check_source, first_per_class, pct,
-                                  read_json, read_manifest, rerun, revisions, samples)
+                                  per_class_means, read_json, read_manifest, rerun, revisions, samples)
 from poison.report.render import Block, curve_png, render_markdown, sample_grid_png, write_page
 
 __all__ = ["VARIANT_INPUTS", "build_variants_report"]
@@ -206,7 +206,7 @@ def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
     goal = ("untargeted (any wrong label vector)" if not flip else
             f"label-specific: flip label(s) {', '.join(labels[i] for i in flip)} (present -> absent, absent -> "
             "present), keep every other label")
-    per_label = [[f"`{arch}` on {kind}"] + _per_label_f1(mm[kind][arch]["runs"], len(labels))
+    per_label = [[f"`{arch}` on {kind}"] + per_class_means(mm[kind][arch]["runs"], "per_label_f1", len(labels))
                  for kind in ("clean", "poisoned") for arch in mm["poisoned"]]
     blocks += [
         ("h", 2, "Multi-label poison (`compose`, `multilabel`)"),
@@ -232,15 +232,6 @@ def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
                                           "and the perturbation (grey = no change, scaled to its largest change)"),
     ]
     return blocks
-
-
-def _per_label_f1(runs: list[dict[str, Any]], n: int) -> list[str]:
-    out = []
-    for c in range(n):
-        values = [r["per_label_f1"][c] for r in runs
-                  if len(r.get("per_label_f1") or []) == n and r["per_label_f1"][c] is not None]
-        out.append(f"{100 * sum(values) / len(values):.1f}" if values else "-")
-    return out
 
 
 # ---------------------------------------------------------------------------- stage
