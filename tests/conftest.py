@@ -203,3 +203,18 @@ def prefect_harness(prefect_env: Path):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def latest_artifact(key: str) -> str:
+    """The data of the newest Prefect artifact named ``key`` (with ``prefect_harness`` active)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read() -> str:
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return found[-1].data
+
+    return asyncio.run(read())

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from poison.report import render as rep_render
+from conftest import latest_artifact
 from poison import stages
 from poison.config import to_dict
 from poison.report import ReportError, build_report, render_html, render_markdown
+from poison.report import render as rep_render
 from poison.shards import read_manifest
 
 
@@ -212,8 +213,6 @@ def test_renderers_escape_what_they_are_given(tmp_path):
 
 @pytest.mark.slow
 def test_report_flow_writes_the_page_and_its_artifact(prefect_harness, params, tmp_path):
-    from prefect.client.orchestration import get_client
-
     from flows.report import report
 
     path = tmp_path / "params.yaml"
@@ -222,14 +221,5 @@ def test_report_flow_writes_the_page_and_its_artifact(prefect_harness, params, t
     assert result == {"path": str(Path(params.paths.reports) / "report"),
                       "files": ["report.html", "report.md", "samples.png"]}
 
-    async def artifact() -> str:
-        async with get_client() as client:
-            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-report"])))
-            return found[-1].data
-
-    import asyncio
-
-    text = asyncio.run(artifact())
+    text = latest_artifact("pipeline-report")
     assert read_manifest(params.paths.poisoned)["hazard"] in text and "![" not in text

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import latest_artifact
 from poison import stages
 from poison.config import to_dict
 from poison.report import VARIANT_INPUTS, ReportError, build_variants_report
@@ -249,8 +250,6 @@ def test_the_stage_returns_where_it_wrote(params):
 
 @pytest.mark.slow
 def test_variants_report_flow_writes_the_page_and_its_artifact(prefect_harness, params, tmp_path):
-    from prefect.client.orchestration import get_client
-
     from flows.variants_report import variants_report
 
     path = tmp_path / "params.yaml"
@@ -258,14 +257,5 @@ def test_variants_report_flow_writes_the_page_and_its_artifact(prefect_harness, 
     result = variants_report(params_path=str(path))
     assert result == {"path": str(Path(params.paths.reports) / "variants_report"), "files": FILES}
 
-    async def artifact() -> str:
-        async with get_client() as client:
-            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["variants-report"])))
-            return found[-1].data
-
-    import asyncio
-
-    text = asyncio.run(artifact())
+    text = latest_artifact("variants-report")
     assert read_manifest(params.paths.topk_poisoned)["hazard"] in text and "![" not in text
