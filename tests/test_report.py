@@ -158,6 +158,24 @@ def test_metrics_of_another_poisoned_dataset_are_refused(params):
     assert not (Path(params.paths.reports) / "report").exists()
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda curve: {"trial": 0}, r"not a list of trial records"),
+    (lambda curve: [r for r in curve if r["val_accuracy"] is None], r"no record of the kept trial \d+"),
+    (lambda curve: [dict(r, val_accuracy=None if r["val_accuracy"] is None else r["val_accuracy"] + 0.5)
+                    for r in curve], r"no record of the kept trial \d+ .*another run"),
+])
+def test_a_generator_curve_from_another_run_is_refused(params, edit, message):
+    build_report(params)
+    out = Path(params.paths.reports) / "report"
+    before = _files(out)
+    path = Path(params.paths.reports) / "train_generator" / "curve.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ReportError, match=rf"train_generator/curve\.json: {message}.*"
+                                          r"dvc repro -s -f train_generator"):
+        build_report(params)
+    assert _files(out) == before
+
+
 def test_an_augmented_set_made_from_another_clean_set_is_refused(params, tmp_path):
     copy = tmp_path / "augmented"
     shutil.copytree(params.paths.augmented, copy)

@@ -7,8 +7,9 @@ stage's summary and diagnosis. It computes no new metric (it averages per-class 
 over seeds and draws one training image per class: clean, poisoned, perturbation).
 It checks what can be checked against the datasets on disk: downstream metrics that describe
 another clean or poisoned dataset, and a poisoned or augmented set made from another clean
-one, are errors naming the stage to rerun. (The generator's and augment stage's summaries
-record no dataset hash, so they are taken as they are.)
+one, are errors naming the stage to rerun. The generator's summary and curve record no dataset
+hash; the curve must at least be the summary's run (its kept trial with the score the summary
+quotes). The augment stage's summary is taken as it is.
 
 Output (``<paths.reports>/report/``, replaced as a whole folder, never half-written):
 ``report.md`` (images linked by relative path), ``report.html`` (images embedded, one file to
@@ -20,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from poison.report.inputs import (ReportError, budget as budget_text, check_described, check_source,
+from poison.report.inputs import (ReportError, budget as budget_text, check_curve, check_described, check_source,
                                   first_per_class, pct, per_class_means, read_json, read_manifest, rerun, revisions,
                                   samples, spread)
 from poison.report.render import Block, render_markdown, sample_grid_png, write_page
@@ -41,7 +42,7 @@ INPUTS = {
 # ---------------------------------------------------------------------------- inputs
 #: keys the page reads from each JSON input (a file without one is from an older or damaged run)
 REQUIRED = {
-    "generator_summary": ("best_trial", "trials", "steps", "train_seconds", "device"),
+    "generator_summary": ("best_trial", "best_val_accuracy", "trials", "steps", "train_seconds", "device"),
     "metrics": ("datasets", "clean", "poisoned", "budget", "recipe", "seeds", "test_samples"),
     "augment_summary": ("victim", "victim_clean_test_accuracy", "victim_accuracy_under_sia_test",
                         "adversarial_success_rate_train", "adversarial_success_rate_test", "longtail",
@@ -66,6 +67,8 @@ def _inputs(params: Any) -> dict[str, Any]:
         elif not (reports / rel).is_file():
             raise ReportError(f"{reports / rel}: missing; run `dvc repro {stage}` (or `poison run --stages {stage}`) "
                               "first")
+    check_curve(got["generator_curve"], got["generator_summary"], reports / INPUTS["generator_curve"][1],
+                "train_generator")
     # The report must describe one run: every input made from the datasets on disk.
     for kind, stage in (("poisoned", "poison"), ("augmented", "augment")):
         check_source(got[kind], getattr(p, kind), got["sha"]["clean"], p.clean, stage, "clean dataset")

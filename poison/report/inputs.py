@@ -15,7 +15,8 @@ import torch
 
 from poison.errors import PoisonError
 
-__all__ = ["ReportError", "dvc_target", "rerun", "read_json", "read_manifest", "check_source", "check_described", "first_per_class",
+__all__ = ["ReportError", "dvc_target", "rerun", "read_json", "read_manifest", "check_source", "check_described", "check_curve",
+           "first_per_class",
            "pct", "spread", "per_class_means", "samples", "budget", "revisions"]
 
 
@@ -54,6 +55,28 @@ def read_json(path: Path, stage: str, keys: tuple[str, ...] = ()) -> Any:
         raise ReportError(f"{path}: no {missing} (written by an older or interrupted run); rerun the {stage} stage: "
                           f"{rerun(stage)}")
     return data
+
+
+#: what every record of a generator's ``curve.json`` holds
+CURVE_KEYS = ("trial", "val_accuracy", "val_target_rate")
+
+
+def check_curve(curve: Any, generator: dict[str, Any], path: Path, stage: str) -> None:
+    """``curve`` is a list of trial records, and the one of the generator ``generator`` summarises.
+
+    The curve and the summary record no dataset hash; what ties them is the kept trial: the
+    curve must hold exactly one record of (``best_restart``, ``best_trial``), scored
+    ``best_val_accuracy``. Anything else is a curve from another run (or a damaged file).
+    """
+    fix = f"rerun the {stage} stage: {rerun(stage)}"
+    if not isinstance(curve, list) or any(not isinstance(r, dict) or any(k not in r for k in CURVE_KEYS)
+                                          for r in curve):
+        raise ReportError(f"{path}: not a list of trial records ({list(CURVE_KEYS)} each); {fix}")
+    kept = [r for r in curve if r["trial"] == generator["best_trial"]
+            and r.get("restart", 0) == generator.get("best_restart", 0)]
+    if len(kept) != 1 or kept[0]["val_accuracy"] != generator["best_val_accuracy"]:
+        raise ReportError(f"{path}: no record of the kept trial {generator['best_trial']} with the validation score "
+                          f"the generator's summary quotes (a curve from another run); {fix}")
 
 
 def read_manifest(path: str, stage: str) -> dict[str, Any]:

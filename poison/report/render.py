@@ -175,6 +175,7 @@ def curve_png(records: list[dict[str, Any]], accuracy: str = "clean val accuracy
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
     restarts = sorted({r.get("restart", 0) for r in records})
@@ -186,7 +187,8 @@ def curve_png(records: list[dict[str, Any]], accuracy: str = "clean val accuracy
         if pts and pts[0]["val_target_rate"] is not None:
             ax.plot([r["trial"] for r in pts], [r["val_target_rate"] for r in pts], marker="s",
                     label=rate + run)
-    ax.set_xlabel("trial")
+    ax.set_xlabel("trial (0-based)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole: no 0.5 ticks on short curves
     ax.set_ylim(0, 1)
     ax.set_title("victim trained on the current poison", fontsize=9)
     ax.legend(fontsize=8)

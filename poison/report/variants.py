@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from poison.report.inputs import (ReportError, budget, check_described, check_source, first_per_class, pct,
+from poison.report.inputs import (ReportError, budget, check_curve, check_described, check_source, first_per_class, pct,
                                   per_class_means, read_json, read_manifest, rerun, revisions, samples)
 from poison.report.render import Block, curve_png, render_markdown, sample_grid_png, write_page
 
@@ -43,7 +43,6 @@ _COMMON = ("generator", "recipe", "seeds", "datasets", "clean", "poisoned")
 #: keys each stage's metrics.json must hold
 REQUIRED = {"topk": _COMMON + ("k", "target_lists"), "multilabel": _COMMON + ("target", "flip_labels")}
 _GENERATOR_KEYS = ("best_trial", "best_restart", "best_val_accuracy", "trials", "steps", "train_seconds", "device")
-_CURVE_KEYS = ("trial", "val_accuracy", "val_target_rate")
 
 
 def _check_metrics(metrics: dict[str, Any], path: Path, stage: str, num_classes: int) -> None:
@@ -67,19 +66,6 @@ def _check_metrics(metrics: dict[str, Any], path: Path, stage: str, num_classes:
                 not isinstance(row, list) or len(row) != k or not all(isinstance(t, int) and 0 <= t < num_classes
                                                                       for t in row) for row in lists):
             raise ReportError(f"{path}: target_lists is not {num_classes} lists of k = {k} class indices; {fix}")
-
-
-def _check_curve(curve: Any, generator: dict[str, Any], path: Path, stage: str) -> None:
-    """``curve`` is a list of trial records, and the one of the generator the metrics describe."""
-    fix = f"rerun the {stage} stage: {rerun(stage)}"
-    if not isinstance(curve, list) or any(not isinstance(r, dict) or any(k not in r for k in _CURVE_KEYS)
-                                          for r in curve):
-        raise ReportError(f"{path}: not a list of trial records ({list(_CURVE_KEYS)} each); {fix}")
-    kept = [r for r in curve if r["trial"] == generator["best_trial"]
-            and r.get("restart", 0) == generator["best_restart"]]
-    if len(kept) != 1 or kept[0]["val_accuracy"] != generator["best_val_accuracy"]:
-        raise ReportError(f"{path}: no record of the kept trial {generator['best_trial']} with the validation score "
-                          f"metrics.json quotes (a curve from another run); {fix}")
 
 
 def _inputs(params: Any) -> dict[str, Any]:
@@ -106,7 +92,7 @@ def _inputs(params: Any) -> dict[str, Any]:
                         {"clean": got["sha"][clean_key], "poisoned": got["sha"][stage]},
                         {"clean": paths[clean_key], "poisoned": paths[stage]}, stage)
         _check_metrics(got[f"{stage}_metrics"], metrics_file, stage, len(got[clean_key]["classes"]))
-        _check_curve(got[f"{stage}_curve"], got[f"{stage}_metrics"]["generator"],
+        check_curve(got[f"{stage}_curve"], got[f"{stage}_metrics"]["generator"],
                      reports / VARIANT_INPUTS[f"{stage}_curve"][1], stage)
     if got["composites"].get("label_type") != "multi_label":
         raise ReportError(f"{p.multilabel_clean}: not multi-label; rerun the compose stage: {rerun('compose')}")
