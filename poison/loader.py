@@ -104,7 +104,8 @@ class _Source:
         data = self.store.read(name)
         if verify:
             check_shard_bytes(data, rec, url)
-        return _checked_samples(_tar_samples(data, url), rec, url, self.shape, meta, label_count(self.manifest))
+        return _checked_samples(_tar_samples(data, url), rec, url, self.shape, meta, label_count(self.manifest),
+                                len(self.manifest["classes"]))
 
 
 class ShardDataset(IterableDataset):
@@ -293,7 +294,11 @@ def open_dataset(
         clean_src = None
         if ratio < 1.0:
             if src.manifest["kind"] == "clean":
-                raise ShardError(f"ratio: {source} is already clean; ratio applies to a poisoned or augmented dataset")
+                raise ShardError(f"ratio: {source} is already clean; ratio applies to a poisoned dataset")
+            if src.manifest["kind"] != "poisoned":
+                raise ShardError(f"ratio: {source} is a {src.manifest['kind']} (augmented) dataset, whose splits hold "
+                                 "new images rather than one changed image per clean sample; ratio applies to a "
+                                 "poisoned dataset: open this one with ratio=1.0 and mix it with clean data yourself")
             if clean is None:
                 origin = (src.manifest.get("source") or {}).get("dataset", "its source")
                 raise ShardError(f"clean: ratio {ratio} < 1 needs the clean dataset the poison was made from "

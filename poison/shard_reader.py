@@ -29,6 +29,7 @@ from poison.utils import sha256_file
 __all__ = [
     "SCHEMA_VERSION",
     "SAFE_EXTENSIONS",
+    "KINDS",
     "read_manifest",
     "parse_manifest",
     "manifest_sha256",
@@ -44,6 +45,8 @@ __all__ = [
 SCHEMA_VERSION = 1
 #: What a dataset (and so a published folder) may be called: one plain path component.
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: What a dataset may be (the manifest's ``kind``).
+KINDS = ("clean", "poisoned", "semantic")
 #: Member extensions a reader accepts; everything else (pickle, pyd, pth, ...) is refused.
 SAFE_EXTENSIONS = frozenset({"png", "cls", "json", "txt", "npy", "delta.npy"})
 
@@ -108,6 +111,40 @@ def _check_structure(manifest: dict[str, Any], where: str) -> None:
     for i, rec in enumerate(manifest["shards"]):
         _fields(rec, {"file": str, "split": str, "samples": int, "bytes": int, "sha256": str}, where, f"shards[{i}]")
     _fields(manifest["totals"], {"samples": int, "shards": int, "bytes": int}, where, "totals")
+    _check_consistent(manifest, where)
+
+
+def _check_consistent(manifest: dict[str, Any], where: str) -> None:
+    """The manifest agrees with itself: its kind, classes, shard list, split sizes and totals.
+
+    Readers trust the shard list and ``verify`` checks each listed shard, so a shard dropped
+    from the list (or a split added) would otherwise read as a smaller dataset that looks whole.
+    """
+    bad = f"{where}: {{}}; the manifest is corrupt or tampered with: regenerate or re-fetch the dataset"
+    if manifest["kind"] not in KINDS:
+        raise ShardError(bad.format(f"kind is {manifest['kind']!r}, expected one of {list(KINDS)}"))
+    classes = manifest["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ShardError(bad.format(f"classes is {classes!r}, expected a non-empty list of class names"))
+    shards = manifest["shards"]
+    files = [rec["file"] for rec in shards]
+    if len(set(files)) != len(files):
+        raise ShardError(bad.format(f"shards list a file twice ({sorted({f for f in files if files.count(f) > 1})})"))
+    for rec in shards:
+        if rec["split"] not in manifest["splits"]:
+            raise ShardError(bad.format(f"shard {rec['file']!r} belongs to split {rec['split']!r}, which splits does "
+                                        f"not list ({sorted(manifest['splits'])})"))
+    for split, info in manifest["splits"].items():
+        listed = sum(rec["samples"] for rec in shards if rec["split"] == split)
+        if listed != info["samples"]:
+            raise ShardError(bad.format(f"splits.{split}.samples is {info['samples']} but its shards hold {listed} "
+                                        "samples (a shard missing from the list?)"))
+    totals = manifest["totals"]
+    actual = {"samples": sum(rec["samples"] for rec in shards), "shards": len(shards),
+              "bytes": sum(rec["bytes"] for rec in shards)}
+    for key, value in actual.items():
+        if totals[key] != value:
+            raise ShardError(bad.format(f"totals.{key} is {totals[key]} but the shards add up to {value}"))
 
 
 def manifest_sha256(dataset_dir: str | os.PathLike[str]) -> str:
@@ -246,7 +283,12 @@ def label_count(manifest: dict[str, Any]) -> int | None:
     return len(manifest["classes"]) if manifest.get("label_type") == "multi_label" else None
 
 
-def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: int | None = None) -> dict[str, Any]:
+def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: int | None = None,
+            shape: tuple[int, int, int] | None = None, num_classes: int | None = None) -> dict[str, Any]:
+    """Decode one raw sample; ``shape`` (C, H, W) is checked from the PNG header before any pixel is
+    decoded (a hostile PNG cannot make us allocate more), ``num_classes`` bounds a ``cls`` label."""
+    import warnings
+
     from PIL import Image
 
     key = sample["__key__"]
@@ -262,10 +304,17 @@ def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: in
             raise ShardError(f"{url}: sample {key!r} lacks its {need!r} member; the shard is corrupt or not of this "
                              "manifest: regenerate or re-fetch the dataset")
     try:
-        with Image.open(io.BytesIO(sample["png"])) as img:
+        with warnings.catch_warnings():
+            # PIL only warns between its pixel limit and twice it: make that an error too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(sample["png"]))
+        with img:
             if img.format != "PNG" or img.mode not in ("L", "RGB"):
                 raise ShardError(f"{url}: sample {key!r}: expected an 8-bit L or RGB PNG, got {img.format} {img.mode}; "
                                  "regenerate or re-fetch the dataset")
+            if shape is not None and (img.size != (shape[2], shape[1]) or len(img.getbands()) != shape[0]):
+                raise ShardError(f"{url}: sample {key!r} has shape {(len(img.getbands()), img.size[1], img.size[0])}, "
+                                 f"the manifest says {shape}; the dataset is inconsistent: regenerate or re-fetch it")
             arr = np.array(img)  # a copy: PIL buffers are read-only
         if multi_label:
             record = json.loads(sample["json"])
@@ -278,10 +327,17 @@ def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: in
             meta = record if meta else {}
         else:
             label = int(sample["cls"])
+            if num_classes is not None and not 0 <= label < num_classes:
+                raise ShardError(f"{url}: sample {key!r}: label {label} is not a class index in [0, {num_classes - 1}] "
+                                 "(the manifest's classes); the shard is corrupt or not of this manifest: regenerate or "
+                                 "re-fetch the dataset")
             meta = json.loads(sample["json"]) if meta and "json" in sample else {}
+            if not isinstance(meta, dict):
+                raise ShardError(f"{url}: sample {key!r}: its json member is {type(meta).__name__}, expected an "
+                                 "object; the shard is corrupt or tampered with: regenerate or re-fetch the dataset")
     except ShardError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ShardError(f"{url}: sample {key!r} does not decode ({exc}); the shard is corrupt: regenerate or "
                          "re-fetch the dataset") from exc
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -317,11 +373,11 @@ def iter_samples(dataset_dir: str | os.PathLike[str], split: str, verify: bool =
     if not records and split not in manifest["splits"]:
         raise ShardError(f"{base}: no split {split!r}; it has {sorted(manifest['splits'])}")
     for rec in records:
-        yield from _shard_samples(base, rec, shape, verify, label_count(manifest))
+        yield from _shard_samples(base, rec, shape, verify, label_count(manifest), len(manifest["classes"]))
 
 
 def _shard_samples(base: Path, rec: dict[str, Any], shape: tuple[int, int, int], verify: bool,
-                   multi_label: int | None = None) -> Iterator[dict[str, Any]]:
+                   multi_label: int | None = None, num_classes: int | None = None) -> Iterator[dict[str, Any]]:
     """The decoded samples of one shard; with ``verify`` its size and sha256 are checked first."""
     path = _shard_path(base, rec)
     url = str(path)
@@ -334,7 +390,8 @@ def _shard_samples(base: Path, rec: dict[str, Any], shape: tuple[int, int, int],
         check_shard_bytes(data, rec, url)
     else:
         data = path
-    yield from _checked_samples(_tar_samples(data, url), rec, url, shape, multi_label=multi_label)
+    yield from _checked_samples(_tar_samples(data, url), rec, url, shape, multi_label=multi_label,
+                                num_classes=num_classes)
 
 
 def check_shard_bytes(data: bytes, rec: dict[str, Any], url: str) -> None:
@@ -348,16 +405,17 @@ def check_shard_bytes(data: bytes, rec: dict[str, Any], url: str) -> None:
 
 
 def _checked_samples(raw_samples: Iterator[dict[str, Any]], rec: dict[str, Any], url: str,
-                     shape: tuple[int, int, int], meta: bool = True, multi_label: int | None = None
-                     ) -> Iterator[dict[str, Any]]:
-    """Decode a shard's raw samples, checking each image's shape and the shard's sample count.
+                     shape: tuple[int, int, int], meta: bool = True, multi_label: int | None = None,
+                     num_classes: int | None = None) -> Iterator[dict[str, Any]]:
+    """Decode a shard's raw samples, checking each image's shape, label and the shard's sample count.
 
-    ``multi_label``: the label-vector length of a multi-label dataset (``label_count``).
+    ``multi_label``: the label-vector length of a multi-label dataset (``label_count``);
+    ``num_classes``: the manifest's number of classes (a single-label ``cls`` must index one).
     """
     count = 0
     for raw in raw_samples:
         count += 1
-        sample = _decode(raw, url, meta, multi_label)
+        sample = _decode(raw, url, meta, multi_label, shape, num_classes)
         if tuple(sample["image"].shape) != shape:
             raise ShardError(f"{url}: sample {sample['key']!r} has shape {tuple(sample['image'].shape)}, "
                              f"the manifest says {shape}; the dataset is inconsistent: regenerate or re-fetch it")
@@ -394,7 +452,8 @@ def load_range(dataset_dir: str | os.PathLike[str], split: str, begin: int, end:
         offset = hi
         if hi <= begin or lo >= end:
             continue
-        picked += [smp for i, smp in enumerate(_shard_samples(base, rec, shape, verify, label_count(manifest)))
+        picked += [smp for i, smp in enumerate(_shard_samples(base, rec, shape, verify, label_count(manifest),
+                                                              len(manifest["classes"])))
                    if begin <= lo + i < end]
     return _stack(picked, shape, label_count(manifest))
 

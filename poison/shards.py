@@ -37,6 +37,7 @@ from poison.card import AUGMENTED, HAZARD, dataset_card
 from poison.errors import ShardError
 from poison.shard_reader import (  # noqa: F401  (re-exported: the reading API)
     DATASET_NAME,
+    KINDS,
     SAFE_EXTENSIONS,
     SCHEMA_VERSION,
     check_shard_bytes,
@@ -78,7 +79,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KINDS = ("clean", "poisoned", "semantic")
 
 
 def sample_key(split: str, index: int) -> str:

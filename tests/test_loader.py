@@ -215,6 +215,11 @@ def test_partial_poisoning_needs_the_matching_clean_set(poisoned_dataset, clean_
         open_dataset(clean_dataset, ratio=0.5, clean=clean_dataset)
 
 
+def test_partial_poisoning_of_an_augmented_dataset_is_refused_up_front(augmented_dataset, clean_dataset):
+    with pytest.raises(ShardError, match=r"ratio: .* is a semantic \(augmented\) dataset.*open this one with ratio=1\.0"):
+        open_dataset(augmented_dataset, split="adversarial", ratio=0.5, clean=clean_dataset)
+
+
 def test_shuffle_is_a_reproducible_permutation(poisoned_dataset):
     ds = open_dataset(poisoned_dataset, shuffle=50, seed=1, with_meta=True)
     keys = [m["key"] for _, _, m in ds]
@@ -326,7 +331,10 @@ def test_partial_poisoning_refuses_a_clean_set_of_another_size(poisoned_dataset,
     other = tmp_path / "p"
     shutil.copytree(poisoned_dataset, other)
     m = json.loads((other / "manifest.json").read_text())
-    m["shards"] = m["shards"][:2]  # 200 of 210 samples
+    m["shards"] = m["shards"][:2]  # 200 of 210 samples, the manifest consistent with itself
+    m["splits"]["train"]["samples"] = sum(r["samples"] for r in m["shards"])
+    m["totals"] = {"samples": m["splits"]["train"]["samples"], "shards": 2,
+                   "bytes": sum(r["bytes"] for r in m["shards"])}
     (other / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ShardError, match="has 210 'train' samples.*has 200"):
         open_dataset(other, ratio=0.5, clean=clean_dataset)

@@ -181,6 +181,14 @@ def test_read_manifest_errors(tmp_path, dataset):
     (lambda m: m["splits"].update(test=[]), r"splits\.test is list"),
     (lambda m: m.pop("totals"), r"missing keys \['totals'\]"),
     (lambda m: m["totals"].update(samples=-1), r"totals\.samples is -1"),
+    # consistent types, inconsistent content: a shard dropped from the list must not read as a smaller whole
+    (lambda m: m["shards"].pop(0), r"splits\.train\.samples is 10 but its shards hold 6 .*a shard missing"),
+    (lambda m: m["totals"].update(bytes=m["totals"]["bytes"] + 1), r"totals\.bytes is \d+ but the shards add up"),
+    (lambda m: m["totals"].update(shards=9), r"totals\.shards is 9 but the shards add up to 4"),
+    (lambda m: m["splits"].pop("test"), r"shard 'test-000000\.tar' belongs to split 'test', which splits does not"),
+    (lambda m: m["shards"].__setitem__(1, dict(m["shards"][0])), r"shards list a file twice \(\['train-000000\.tar'\]\)"),
+    (lambda m: m.update(kind="toxic"), r"kind is 'toxic', expected one of \['clean', 'poisoned', 'semantic'\]"),
+    (lambda m: m.update(classes="abc"), r"classes is 'abc', expected a non-empty list"),
 ])
 def test_a_manifest_with_damaged_nested_fields_is_refused_by_name(dataset, capsys, edit, key):
     m = json.loads((dataset / "manifest.json").read_text())
@@ -222,6 +230,63 @@ def test_a_damaged_delta_member_is_a_shard_error_naming_the_shard(tmp_path, payl
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(ShardError, match=r"train-000000\.tar.*train_00000000.*delta\.npy"):
+        list(iter_samples(out, "train", verify=False))
+
+
+def _replace_member(shard: Path, suffix: str, payload: bytes) -> None:
+    """Rewrite ``shard`` with the member ending in ``suffix`` replaced by ``payload``."""
+    members = []
+    with tarfile.open(shard) as tar:
+        for info in tar.getmembers():
+            data = tar.extractfile(info).read()
+            members.append((info, payload if info.name.endswith(suffix) else data))
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _claiming(png: bytes, width: int, height: int) -> bytes:
+    """``png`` with its IHDR header rewritten to claim width x height (CRC fixed): a decompression bomb's header."""
+    import struct
+    import zlib
+
+    ihdr = bytearray(png[12:29])  # b"IHDR" + 13 bytes of data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    return png[:12] + bytes(ihdr) + struct.pack(">I", zlib.crc32(bytes(ihdr))) + png[33:]
+
+
+@pytest.mark.parametrize("suffix, payload, message", [
+    ("00000000.png", _png(6, 5), r"train_00000000' has shape \(1, 5, 6\), the manifest says \(1, 5, 5\)"),
+    # claims 20000 x 20000: refused from its header, before PIL decodes (or refuses) a pixel
+    ("00000000.png", _claiming(_png(1, 1), 20000, 20000), r"train_00000000'.*(shape \(1, 20000, 20000\)|does not decode)"),
+    ("00000001.cls", b"7", r"train_00000001': label 7 is not a class index in \[0, 2\]"),
+    ("00000001.cls", b"-3", r"train_00000001': label -3 is not a class index"),
+    ("00000002.json", b"[1, 2]", r"train_00000002': its json member is list, expected an object"),
+])
+def test_a_sample_that_disagrees_with_its_manifest_is_a_shard_error(tmp_path, suffix, payload, message):
+    out = tmp_path / "ds"
+    _write(out, {"train": _samples(4)})
+    _replace_member(out / "train-000000.tar", suffix, payload)
+    with pytest.raises(ShardError, match=r"train-000000\.tar: sample '" + message):
+        list(iter_samples(out, "train", verify=False))
+
+
+def test_a_png_past_pils_pixel_limit_is_a_shard_error_not_a_pil_exception(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # the 5 x 5 images of _samples: past the warning limit
+    out = tmp_path / "ds"
+    _write(out, {"train": _samples(2)})
+    with pytest.raises(ShardError, match=r"train_00000000' does not decode .*regenerate or re-fetch"):
         list(iter_samples(out, "train", verify=False))
 
 
