@@ -12,12 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
 from poison.config import Params
-from poison.publish import PublishError, dvc_push, evaluate_metrics, publication_hazards, publish_dataset, verify_all
+from poison.publish import (PublishError, dvc_push, evaluate_metrics, pipeline_datasets, publication_hazards,
+                            publish_dataset, verify_all)
 from flows.common import load_params_task, main
 
 
@@ -49,7 +50,10 @@ def publish(params_path: str = "params.yaml", push_to_dvc: bool | None = None) -
     do_push = cfg.dvc_push if push_to_dvc is None else push_to_dvc
     if not do_push and not cfg.prefix:
         raise PublishError("publish: nothing to do: dvc push is off and publish.prefix is null in params.yaml")
-    out: dict[str, Any] = {"dvc_push": None, "datasets": {}, "hazards": publication_hazards(list(dirs.values()), do_push)}
+    out: dict[str, Any] = {"dvc_push": None, "datasets": {},
+                           "hazards": publication_hazards(list(dirs.values()), do_push, pipeline_datasets(params))}
+    for note in out["hazards"]:  # on the terminal too, before anything goes out (the artifact comes last)
+        get_run_logger().warning(note)
     if do_push:
         push(cfg.remote)
         out["dvc_push"] = {"remote": cfg.remote or "default"}

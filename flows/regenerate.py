@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.common import main
 from poison.config import load_params
-from poison.publish import PublishError, dvc_push
+from poison.publish import PublishError, dvc_push, publication_hazards
 from poison.utils import atomic_write_bytes
 
 
@@ -86,11 +86,13 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
     saved = {lock: (root / lock).read_bytes() for lock in LOCK_FILES if (root / lock).is_file()}
     # DVC deletes a stage's outputs before running it; the cached ones come back with
     # `dvc checkout`, the uncached metrics and plots (cache: false, kept in git) from this copy
-    reports = root / load_params(root / "params.yaml").paths.reports
+    paths = load_params(root / "params.yaml").paths
+    reports = root / paths.reports
     backup = Path(tempfile.mkdtemp(prefix="poison-regenerate-"))
     if reports.is_dir():
         shutil.copytree(reports, backup / "reports")
-    out: dict[str, Any] = {"repo": str(root), "pulled": False, "pushed": False, "commit": None, "tag": None}
+    out: dict[str, Any] = {"repo": str(root), "pulled": False, "pushed": False, "commit": None, "tag": None,
+                           "hazards": []}
     keep_backup = False
     try:
         if pull_first:
@@ -101,6 +103,11 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
         if push_after:
             push(root)
             out["pushed"] = True
+            # every pipeline's outputs went to the remote: its poisons, the augmented set, the generators
+            out["hazards"] = publication_hazards([], True, [root / d for d in (
+                paths.poisoned, paths.augmented, paths.topk_poisoned, paths.multilabel_poisoned)])
+            for note in out["hazards"]:
+                log.warning(note)
     except BaseException as exc:
         log.error("regenerate failed: restoring the lock files and the outputs they record")
         for lock in LOCK_FILES:  # a lock file the failed run created is removed
@@ -127,7 +134,8 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
     if git_commit or tag:
         out["commit"] = commit(root, tag, reports)
         out["tag"] = tag
-    lines = ["# Regenerated", "", f"- repository: `{root}`"]
+    lines = ["# Regenerated", ""] + [line for note in out["hazards"] for line in (f"**{note}**", "")]
+    lines += [f"- repository: `{root}`"]
     lines += [f"- {k}: {out[k]}" for k in ("pulled", "pushed", "commit", "tag")]
     lines += ["", "```", *out["repro"], "```"]
     create_markdown_artifact(key="regenerate", markdown="\n".join(lines), description="what dvc repro did")

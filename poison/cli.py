@@ -69,7 +69,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     if result["dvc_push"]:
         print(f"publish: dvc push to the {result['dvc_push']['remote']} remote: done")
     for name, r in result["datasets"].items():
-        state = "published" if r["published"] else "already published (identical)"
+        state = ("published" if r["published"] else "already published (identical)" if r.get("checked") != "size"
+                 else f"already published (shard sizes match; `poison verify {r['url']}` checks their sha256)")
         print(f"publish: {name}: {state} at {r['url']} ({r['samples']} samples, {len(r['files'])} files)")
     return 0
 
@@ -158,6 +159,29 @@ def _inspect_checkpoint(path: Path) -> int:
     return 0
 
 
+def _clean_counterparts(clean_dir: str, split: str, metas: list[dict], where: str):
+    """The clean image each sample of ``where``'s ``split`` was made from, in its order (uint8 (N, C, H, W)).
+
+    A poisoned dataset keeps the clean split's names and order; an augmented (SIA) one has
+    splits of its own whose samples name their clean sample (``source_key``, e.g. ``train_00000042``).
+    """
+    import torch
+
+    from poison.shards import iter_samples, load_split
+
+    if not all("source_key" in meta for meta in metas):
+        return load_split(clean_dir, split)[0]
+    wanted = {meta["source_key"] for meta in metas}
+    splits = {key.rsplit("_", 1)[0] for key in wanted}
+    found = {s["key"]: s["image"] for name in sorted(splits) for s in iter_samples(clean_dir, name)
+             if s["key"] in wanted}
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise PoisonError(f"--clean {clean_dir}: has no sample {missing[0]!r}, which {where}'s {split!r} split was made "
+                          f"from ({len(missing)} missing); pass the clean dataset named in its manifest's source")
+    return torch.stack([found[meta["source_key"]] for meta in metas])
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from poison.report import save_sample_grid
     from poison.shards import load_split, manifest_sha256, read_manifest
@@ -182,7 +206,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         elif manifest_sha256(clean_dir) != m["source"]["manifest_sha256"]:
             raise PoisonError(f"--clean {clean_dir}: its manifest sha256 differs from the one {args.dir} was made from")
         else:
-            clean_images, _, _ = load_split(clean_dir, split)
+            clean_images = _clean_counterparts(clean_dir, split, metas, args.dir)
     out = Path(args.out or f"{m['dataset']}-inspect.png")
     save_sample_grid(images, labels, clean_images, m["classes"], out, m)
     print(f"  grid: {out}")

@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from poison.errors import ShardError
-from poison.card import GENERATOR_HAZARD, HAZARD, dataset_card
+from poison.card import AUGMENTED, GENERATOR_HAZARD, HAZARD, dataset_card
 from poison.shard_reader import check_shard_bytes, parse_manifest, read_manifest, shard_name, verify_dataset
 from poison.stores import LocalStore, Store, open_store
 from poison.utils import canonical_json, remove_stale_folders, sha256_bytes, sha256_file, swap_in_folder
 
 __all__ = ["publish", "verify_all", "evaluate_metrics", "publish_dataset", "wids_index", "card_metrics", "dvc_push", "PublishError", "default_version",
-           "publication_hazards"]
+           "publication_hazards", "pipeline_datasets"]
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -60,6 +60,9 @@ def wids_index(manifest: dict[str, Any], split: str) -> dict[str, Any]:
         "__kind__": "wids-shard-index-v1",
         "wids_version": 1,
         "name": f"{manifest['dataset']}-{split}",
+        # the index is all a wids / plain-WebDataset consumer may read: it carries the dataset's warning
+        "description": (manifest.get("hazard") or {"poisoned": HAZARD, "semantic": AUGMENTED}.get(manifest.get("kind"))
+                        or f"{manifest['dataset']}, split {split} ({manifest.get('kind')})"),
         "shardlist": [{"url": shard_name(r, where), "nsamples": int(r["samples"]), "filesize": int(r["bytes"])}
                       for r in shards],
     }
@@ -127,7 +130,9 @@ def publish_dataset(dataset_dir: str | os.PathLike[str], prefix: str | os.PathLi
     describes this very dataset (``card_metrics``); ``repo_path`` is the dataset's path in
     its DVC project, for the card's ``dvc import`` line. Returns {"url", "dataset",
     "version", "files", "samples", "kind", "metrics", "published"} where ``published`` is
-    False when that version was already there with identical content.
+    False when that version was already there with identical content; then ``checked`` says how
+    its shards were compared: ``sha256`` (a folder) or ``size`` (a remote store: ``poison verify
+    <url>`` checks every sha256).
     """
     base = Path(dataset_dir)
     if not (base / "manifest.json").is_file():
@@ -158,10 +163,15 @@ def publish_dataset(dataset_dir: str | os.PathLike[str], prefix: str | os.PathLi
         if dest.read("manifest.json") != manifest_bytes:
             raise PublishError(f"{dest.join('manifest.json')}: version {version!r} is already published with other "
                                "content; versions are immutable: publish under a new version")
-        # same manifest: every shard must be there, whole (an earlier copy may have been killed or damaged)
-        damaged = [n for n, r in zip(result["files"], manifest["shards"]) if dest.size(n) != int(r["bytes"])]
+        # same manifest: every shard must be there, whole (an earlier copy may have been killed or damaged).
+        # A folder's shards are hashed; a remote's are compared by size (hashing would download them all).
+        local = isinstance(dest, LocalStore)
+        damaged = [n for n, r in zip(result["files"], manifest["shards"])
+                   if (dest.size(n) != int(r["bytes"])
+                       or (local and sha256_file(dest.path / n) != r["sha256"]))]
         missing = [n for n, _ in files[len(manifest["shards"]):] if not dest.exists(n)]
         if not damaged and not missing:
+            result["checked"] = "sha256" if local else "size"
             if dest.read("README.md") == card:
                 return dict(result, published=False)
             dest.write("README.md", card)  # same data, newer card (e.g. metrics measured since)
@@ -266,15 +276,31 @@ def evaluate_metrics(params: Any, repo: str | os.PathLike[str] = ".") -> dict[st
     return metrics
 
 
-def publication_hazards(dataset_dirs: Sequence[str | os.PathLike[str]], pipeline_pushed: bool) -> list[str]:
-    """The warnings a publication carries, for the CLI and the flow to show before anything else.
+def pipeline_datasets(params: Any, repo: str | os.PathLike[str] = ".") -> list[Path]:
+    """The datasets among the core pipeline's outputs that carry a warning (a ``dvc push dvc.yaml`` sends them)."""
+    return [Path(repo) / params.paths.poisoned, Path(repo) / params.paths.augmented]
 
-    ``HAZARD`` naming the poisoned datasets among ``dataset_dirs`` (pushed or copied), and
-    ``GENERATOR_HAZARD`` when a ``dvc push`` of the core pipeline also sent its generator
-    checkpoints, which make poisons.
+
+def publication_hazards(dataset_dirs: Sequence[str | os.PathLike[str]], pipeline_pushed: bool,
+                        pipeline_datasets: Sequence[str | os.PathLike[str]] = ()) -> list[str]:
+    """The warnings a publication carries, for the CLI and the flows to show before anything else.
+
+    ``HAZARD`` naming the poisoned datasets and ``AUGMENTED`` naming the adversarially augmented
+    ones among ``dataset_dirs`` (pushed or copied), and ``GENERATOR_HAZARD`` when a ``dvc push``
+    of the core pipeline also sent its generator checkpoints, which make poisons. Such a push
+    sends every output of ``dvc.yaml``, whichever datasets ``publish.datasets`` names: with
+    ``pipeline_pushed``, the ``pipeline_datasets`` present on disk (``paths.poisoned``,
+    ``paths.augmented``) are named too.
     """
-    poisoned = [Path(d).as_posix() for d in dataset_dirs if read_manifest(d).get("kind") == "poisoned"]
-    notes = [f"{HAZARD} (poisoned: {', '.join(poisoned)})"] if poisoned else []
+    dirs = list(dict.fromkeys(Path(d) for d in dataset_dirs))
+    if pipeline_pushed:
+        dirs += [Path(d) for d in pipeline_datasets if (Path(d) / "manifest.json").is_file() and Path(d) not in dirs]
+    kinds = {d: read_manifest(d).get("kind") for d in dirs}
+    notes = []
+    for kind, text, word in (("poisoned", HAZARD, "poisoned"), ("semantic", AUGMENTED, "augmented")):
+        named = [d.as_posix() for d in dirs if kinds[d] == kind]
+        if named:
+            notes.append(f"{text} ({word}: {', '.join(named)})")
     if pipeline_pushed:
         notes.append(f"{GENERATOR_HAZARD} (pushed with the pipeline's outputs)")
     return notes
@@ -300,7 +326,8 @@ def publish(params: Any, *, repo: str | os.PathLike[str] = ".", push: bool | Non
     repo = Path(repo)
     dirs = verify_all(params, repo)
     out: dict[str, Any] = {"dvc_push": None, "datasets": {},
-                           "hazards": publication_hazards([repo / rel for rel in dirs.values()], bool(push))}
+                           "hazards": publication_hazards([repo / rel for rel in dirs.values()], bool(push),
+                                                          pipeline_datasets(params, repo))}
     if push:
         # the datasets published here are the core pipeline's: its status and outputs only
         # (the poison variants of variants/dvc.yaml need not have run)

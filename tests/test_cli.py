@@ -59,6 +59,30 @@ def test_inspect_refuses_a_clean_set_it_was_not_made_from(poisoned_dataset, clea
     assert not (tmp_path / "g.png").exists()
 
 
+def test_inspect_augmented_dataset_pairs_each_sample_with_its_clean_source(augmented_dataset, clean_dataset, tmp_path,
+                                                                         capsys, monkeypatch):
+    import poison.report
+    from poison.shards import load_split
+
+    seen = {}
+    original = poison.report.save_sample_grid
+
+    def spy(images, labels, clean, classes, out, manifest):
+        seen["clean"] = clean
+        return original(images, labels, clean, classes, out, manifest)
+
+    monkeypatch.setattr(poison.report, "save_sample_grid", spy)
+    out_png = tmp_path / "sia.png"
+    # its splits are 'adversarial' and 'longtail', which the clean set does not have: pairs come by source_key
+    assert main(["inspect", str(augmented_dataset), "--clean", str(clean_dataset), "--out", str(out_png)]) == 0
+    assert "kind: semantic" in capsys.readouterr().out and out_png.read_bytes()[:8] == PNG
+    _, _, metas = load_split(augmented_dataset, "adversarial")
+    clean_x, _, clean_meta = load_split(clean_dataset, "train")
+    index = {f"train_{i:08d}": i for i in range(len(clean_meta))}
+    assert seen["clean"].shape[0] == len(metas)
+    assert all(bool((seen["clean"][j] == clean_x[index[m["source_key"]]]).all()) for j, m in enumerate(metas))
+
+
 def test_inspect_clean_dataset(clean_dataset, tmp_path, capsys):
     out_png = tmp_path / "clean.png"
     assert main(["inspect", str(clean_dataset), "--out", str(out_png)]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -189,6 +190,9 @@ def test_publish_flow_pushes_and_another_project_dvc_imports_the_dataset(repro, 
     pushed = _run([sys.executable, "-m", "flows.publish"], repo, dvc_env, timeout=600)
     assert pushed.returncode == 0, (pushed.stdout + pushed.stderr)[-4000:]
     assert any(remote.rglob("*")), "dvc push wrote nothing to the remote"
+    # what went out is named on the terminal (the console may wrap a log line between words)
+    for warning in (r"POISONED\s+DATA:", r"SEMANTICALLY\s+AUGMENTED\s+DATA:", r"POISON\s+GENERATOR:"):
+        assert re.search(warning, pushed.stdout + pushed.stderr), warning
 
     # a git clone has no DVC cache: everything the consumer gets comes through the remote
     origin = tmp_path / "origin"
@@ -234,6 +238,8 @@ def test_regenerate_flow_records_pushes_tags_and_a_failure_leaves_the_workspace_
     ok = _run([sys.executable, "-m", "flows.regenerate", "--tag", "data-v1"], repo, dvc_env, timeout=600)
     assert ok.returncode == 0, (ok.stdout + ok.stderr)[-4000:]
     assert any(remote.rglob("*")), "regenerate pushed nothing"
+    for warning in (r"POISONED\s+DATA:", r"SEMANTICALLY\s+AUGMENTED\s+DATA:", r"POISON\s+GENERATOR:"):
+        assert re.search(warning, ok.stdout + ok.stderr), warning
     tags = _run(["git", "tag", "--points-at", "HEAD"], repo, dvc_env).stdout.split()
     assert "data-v1" in tags
 

@@ -40,6 +40,7 @@ def test_publish_to_a_folder_layout_and_round_trip(dataset, tmp_path):
     assert not list(out.parent.glob(".*staging*"))
     index = json.loads((out / "train.wids.json").read_text())
     assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
+    assert index["description"] == HAZARD  # what a wids consumer sees, who may never read the card
     assert [(s["url"], s["nsamples"]) for s in index["shardlist"]] == [
         ("train-000000.tar", 100), ("train-000001.tar", 100), ("train-000002.tar", 10)]
     x, y, _ = load_split(dataset, "train")
@@ -156,8 +157,8 @@ def test_cli_publish_without_push_copies_to_the_prefix(session_params, poisoned_
 
 
 def test_a_push_without_a_prefix_still_warns_for_the_poison_and_its_generator(session_params, poisoned_dataset,
-                                                                              clean_dataset, tmp_path, capsys,
-                                                                              monkeypatch):
+                                                                              augmented_dataset, clean_dataset,
+                                                                              tmp_path, capsys, monkeypatch):
     # the default publish section pushes with DVC and copies nowhere: the warnings go out all the same
     import yaml
 
@@ -170,9 +171,27 @@ def test_a_push_without_a_prefix_still_warns_for_the_poison_and_its_generator(se
     assert main(["publish", "--params", str(params_file)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert pushed == [("dvc.yaml",)]
-    assert lines[:2] == [f"publish: WARNING: {HAZARD} (poisoned: {poisoned_dataset.as_posix()})",
+    # dvc push of dvc.yaml sends the augmented set too, though publish.datasets does not name it
+    from poison.card import AUGMENTED
+
+    assert lines[:3] == [f"publish: WARNING: {HAZARD} (poisoned: {poisoned_dataset.as_posix()})",
+                         f"publish: WARNING: {AUGMENTED} (augmented: {augmented_dataset.as_posix()})",
                          f"publish: WARNING: {GENERATOR_HAZARD} (pushed with the pipeline's outputs)"]
     assert pub.publication_hazards([clean_dataset], False) == []  # clean data carries no warning
+
+
+def test_a_pipeline_push_names_the_poisoned_and_augmented_sets_it_sends_though_unlisted(
+        session_params, clean_dataset, poisoned_dataset, augmented_dataset, tmp_path):
+    from poison.card import AUGMENTED
+
+    pipeline = pub.pipeline_datasets(session_params)
+    notes = pub.publication_hazards([clean_dataset], True, pipeline)
+    assert notes == [f"{HAZARD} (poisoned: {poisoned_dataset.as_posix()})",
+                     f"{AUGMENTED} (augmented: {augmented_dataset.as_posix()})",
+                     f"{GENERATOR_HAZARD} (pushed with the pipeline's outputs)"]
+    # copied, not pushed: only the datasets named; a pipeline dataset not on disk is not named
+    assert pub.publication_hazards([clean_dataset], False, pipeline) == []
+    assert pub.publication_hazards([poisoned_dataset], True, [tmp_path / "absent"]) == notes[::2]
 
 
 def test_a_manifest_naming_a_path_cannot_publish_outside_the_prefix(dataset, tmp_path):
@@ -182,6 +201,18 @@ def test_a_manifest_naming_a_path_cannot_publish_outside_the_prefix(dataset, tmp
     with pytest.raises(ShardError, match="not a plain folder name"):
         pub.publish_dataset(dataset, tmp_path / "pub" / "a")
     assert not (tmp_path / "escape").exists()
+
+
+def test_a_published_shard_changed_in_place_at_its_size_is_found_and_replaced(dataset, tmp_path):
+    r = pub.publish_dataset(dataset, tmp_path / "pub", version="v1")
+    assert not pub.publish_dataset(dataset, tmp_path / "pub", version="v1")["published"]
+    shard = Path(r["url"]) / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # same size, other bytes: a size check alone would call this copy whole
+    shard.write_bytes(bytes(data))
+    again = pub.publish_dataset(dataset, tmp_path / "pub", version="v1")
+    assert again["published"] and shard.read_bytes() == (dataset / "train-000000.tar").read_bytes()
+    assert pub.publish_dataset(dataset, tmp_path / "pub", version="v1")["checked"] == "sha256"
 
 
 def test_a_damaged_published_copy_is_replaced_and_a_foreign_folder_is_kept(dataset, tmp_path):

@@ -130,7 +130,8 @@ def sample_grid_png(images: torch.Tensor, labels: torch.Tensor, clean: torch.Ten
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = ["clean", "poisoned", "perturbation"] if clean is not None else ["image"]
+    changed = {"poisoned": "poisoned", "semantic": "augmented"}.get(manifest.get("kind"), "changed")
+    cols = ["clean", changed, "perturbation"] if clean is not None else ["image"]
     fig, axes = plt.subplots(len(classes), len(cols), figsize=(1.4 * len(cols), 1.3 * len(classes)), dpi=100,
                              squeeze=False)
     for ci in range(len(classes)):
@@ -154,7 +155,10 @@ def sample_grid_png(images: torch.Tensor, labels: torch.Tensor, clean: torch.Ten
                 arr = (clean[i] if col == "clean" else images[i]).float() / 255
             arr = arr.permute(1, 2, 0).squeeze(-1).numpy()
             ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=1)
-    fig.suptitle(f"{manifest['dataset']} ({manifest['kind']})", fontsize=9)
+    # the figure travels without its card: it says what it shows (the full warning is in the manifest)
+    banner = {"poisoned": "POISONED DATA: research only", "semantic": "ADVERSARIALLY AUGMENTED"}.get(manifest["kind"])
+    fig.suptitle(f"{manifest['dataset']} ({manifest['kind']})" + (f"\n{banner}" if banner else ""), fontsize=9,
+                 color="darkred" if banner else "black")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
