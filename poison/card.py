@@ -49,11 +49,13 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
     lines += [
         "## How it was made",
         f"- kind: `{kind}`; method: `{manifest.get('method') or 'none (clean copy of the source)'}`",
-        (f"- budget: {budget.get('norm', '-')} eps = {budget.get('eps', '-')} "
-         f"(<= {budget.get('levels', '-')} uint8 levels per pixel, checked after quantization)") if kind != "semantic" else
-        (f"- budget: semantic attributes within identity +- {budget.get('attributes', {})}, then an image-space "
-         f"{budget.get('norm', '-')} perturbation of at most {budget.get('eps', '-')}"),
-        f"- seed: {manifest['seed']}; source: `{src.get('dataset', '-')}` (manifest sha256 `{src.get('manifest_sha256', '-')}`)",
+        ("- budget: none (the source's images, unchanged)" if not budget else
+         (f"- budget: {budget.get('norm', '-')} eps = {budget.get('eps', '-')} "
+          f"(<= {budget.get('levels', '-')} uint8 levels per pixel, checked after quantization)") if kind != "semantic" else
+         (f"- budget: semantic attributes within identity +- {budget.get('attributes', {})}, then an image-space "
+          f"{budget.get('norm', '-')} perturbation of at most {budget.get('eps', '-')}")),
+        f"- seed: {manifest['seed']}; source: `{src.get('dataset') or '-'}`"
+        + (f" (manifest sha256 `{src['manifest_sha256']}`)" if src.get("manifest_sha256") else ""),
         f"- produced by poison {manifest['package']['version']} at git revision `{manifest['package']['git_rev']}`",
         f"- images: {manifest['image']['channels']}x{manifest['image']['height']}x{manifest['image']['width']} uint8 PNG; "
         f"classes: {', '.join(manifest['classes'])}",
@@ -73,8 +75,8 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
         + ("  # label: int64 0/1 vector (multi-label)" if multi else ""),
         f"ds = open_dataset('s3://<bucket>/<prefix>/{manifest['dataset']}/<version>')",
         f"ds = open_dataset('{dvc_path}', repo='<git URL of the producing project>', rev='<tag or commit>')",
-        *([f"ds = open_dataset('.', ratio=0.5, clean='{src.get('path') or '<the clean source dataset>'}')"
-           "  # partial poisoning"] if kind == "poisoned" else []),
+        *([f"ds = open_dataset('{dvc_path}', ratio=0.5, clean='{src.get('path') or '<the clean source dataset>'}')"
+           "  # partial poisoning; both paths from the producing project's root"] if kind == "poisoned" else []),
         "```",
         "2. WebDataset, from a prefix that `poison publish --to` copied it to (members: "
         + ("`png`, `json` whose `labels` is the 0/1 label vector (multi-label: no `cls`); " if multi

@@ -132,7 +132,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if problems:
         for p in problems:
             print(f"BAD {p}", file=sys.stderr)
-        print(f"verify: {len(problems)} bad shard(s) in {args.dir}", file=sys.stderr)
+        print(f"verify: {len(problems)} bad shard(s) in {args.dir}; re-fetch the dataset (`dvc pull`, `dvc checkout`, "
+              "or download it again) or regenerate it (`dvc repro`)", file=sys.stderr)
         return 1
     if "://" not in target:
         m = read_manifest(target)

@@ -87,7 +87,8 @@ class LocalStore(Store):
             raise ShardError(f"{path}: not found; check the path (a dataset folder holds manifest.json "
                              "and its shards), or `dvc pull` / regenerate it") from None
         except OSError as exc:
-            raise ShardError(f"{path}: cannot read ({exc})") from exc
+            raise ShardError(f"{path}: cannot read ({exc}); check its permissions and that it is a file, "
+                             "or re-fetch the dataset") from exc
 
     def exists(self, name: str) -> bool:
         return (self.path / name).is_file()

@@ -309,7 +309,15 @@ def test_clean_and_semantic_cards(tmp_path):
     _write(tmp_path / "s", {"train": _samples(3)}, kind="semantic")
     clean = (tmp_path / "c" / "README.md").read_text()
     assert "POISONED" not in clean and clean.startswith("# Clean dataset")
+    assert "- budget: none (the source's images, unchanged)" in clean and "None" not in clean and "eps = -" not in clean
     assert "AUGMENTED" in (tmp_path / "s" / "README.md").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_missing_shard_is_named_missing_with_the_fix(dataset, verify):
+    (dataset / "train-000001.tar").unlink()
+    with pytest.raises(ShardError, match=r"train-000001\.tar: missing.*(dvc pull|re-fetch)"):
+        list(iter_samples(dataset, "train", verify=verify))
 
 
 def test_invalid_kind_and_shard_size(tmp_path):
