@@ -235,6 +235,10 @@ def augment(params: Params) -> dict[str, Any]:
     clean = read_manifest(params.paths.clean)
     classes = clean["classes"]
     k = len(classes)
+    if cfg.targeted and cfg.target_shift % k == 0:
+        # the target would be the true label: "success" would mean the victim is right
+        raise ConfigError(f"augment.target_shift: must not be a multiple of {k} (the number of classes) with "
+                          f"targeted: true, got {cfg.target_shift}; every class needs another target class")
     cfg.attack.check_channels(clean["image"]["channels"], "augment.attack.attributes")
     x, y, meta = load_split(params.paths.clean, "train")
     x_te, y_te, _ = load_split(params.paths.clean, "test")

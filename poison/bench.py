@@ -222,7 +222,9 @@ def run_strength(
     """
     workdir = Path(workdir)
     device = resolve_device(params.device)
-    base = params.train_generator
+    # the benchmark runs its jobs with the threads it was given (`poison bench --threads`; recorded in
+    # every job's key below), not the pipeline's train_generator.threads
+    base = dataclasses.replace(params.train_generator, threads=None)
     untargeted = untargeted or dataclasses.replace(base, target="untargeted", target_map=None)
     label_specific = label_specific or dataclasses.replace(base, target="label_specific", untargeted_loss="ce")
     if untargeted.target != "untargeted":
@@ -246,7 +248,7 @@ def run_strength(
     # served stale results), the device, and how the poison is materialized (threads are part of the bytes)
     common = {"version": BENCH_VERSION, "data": to_dict(params.data), "seed": params.seed, "split": cfg.split,
               "seeds": list(cfg.seeds), "recipes": recipes, "code": code_fingerprint(), "device": str(device),
-              "poison": to_dict(params.poison)}
+              "poison": to_dict(params.poison), "threads": torch.get_num_threads()}
 
     jobs: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = {}
     state: dict[str, Any] = {}
@@ -451,7 +453,7 @@ def generator_config(params: Params, overrides: Any, target: str, flag: str) -> 
     for k in ("target",) + (("target_map",) if target == "untargeted" else ()):
         if k in overrides:
             raise ConfigError(f"{flag}: {k!r} is set by the benchmark for this poison; remove it from the JSON")
-    merged = to_dict(params.train_generator) | {"target": target}
+    merged = to_dict(params.train_generator) | {"target": target, "threads": None}  # the bench's --threads
     if target == "untargeted":
         merged["target_map"] = None
     else:

@@ -195,6 +195,10 @@ class Params:
             raise ConfigError(f"seed: expected an integer >= 0, got {self.seed}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.train_generator.target == "ordered_topk":
+            # the core pipeline's poison is scored by accuracy or one target label; the list is the topk stage's
+            raise ConfigError("train_generator.target: ordered_topk is made and scored by the topk stage (the topk "
+                              "section, `dvc repro variants/dvc.yaml:topk`); use untargeted or label_specific here")
 
 
 def _type_name(tp: Any) -> str:
@@ -252,6 +256,32 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported field type {tp!r}")
 
 
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s keys replacing its own, mappings merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _over_default(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """A partial mapping for a nested section, completed from the parent field's own default.
+
+    A section's default can differ from its class's (``topk.generator`` is not a bare
+    ``DeepConfuseConfig``), so a params file that gives a few of its keys keeps the others
+    at the defaults documented for that place, not at the class's.
+    """
+    if not (isinstance(value, dict) and dataclasses.is_dataclass(tp)):
+        return value
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    elif f.default is not dataclasses.MISSING and f.default is not None:
+        default = f.default
+    else:
+        return value
+    return _deep_merge(to_dict(default), value)
+
+
 def from_dict(cls: type, data: Any, key: str = "") -> Any:
     """Return dataclass ``cls`` built from ``data``, validated; errors name the dotted key."""
     where = key or "params.yaml"
@@ -267,7 +297,9 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
             f"{(key + '.') if key else ''}{unknown[0]}: unknown key in {where}; "
             f"known keys: {', '.join(names)}. Fix the spelling or remove it."
         )
-    values = {name: _convert(data[name], hints[name], f"{key}.{name}" if key else name) for name in names if name in data}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {name: _convert(_over_default(fields[name], hints[name], data[name]), hints[name],
+                             f"{key}.{name}" if key else name) for name in names if name in data}
     try:
         return cls(**values)
     except ConfigError as exc:

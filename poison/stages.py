@@ -87,6 +87,8 @@ def train_generator(params: Params, on_trial: Callable[[TrialRecord], None] | No
     save_checkpoint(attack, to_dict(cfg), params.seed,
                     {"dataset": clean["dataset"], "manifest_sha256": manifest_sha256(params.paths.clean)},
                     params.paths.generator)
+    # the checkpoint is written first: a run killed before its summary leaves a summary that names another checkpoint
+    summary["checkpoint_sha256"] = sha256_file(params.paths.generator)
     reports = report_dir(params, "train_generator")
     records = summary.pop("curve")
     atomic_write_json(reports / "curve.json", records)
@@ -235,7 +237,8 @@ def poison_finish(params: Params, plan: dict[str, Any], results: list[dict[str, 
         method="deepconfuse", config=plan["config"],
         budget={"norm": "linf", "eps": plan["eps"], "levels": budget_levels(plan["eps"]), "max_levels_used": max_levels,
                 "mean_abs": sum(r["abs_sum"] for r in results) / max(elements, 1) / 255.0},
-        source={"dataset": plan["clean_dataset"], "path": params.paths.clean, "manifest_sha256": plan["clean_manifest_sha256"]},
+        source={"dataset": plan["clean_dataset"], "path": params.paths.clean, "manifest_sha256": plan["clean_manifest_sha256"],
+                "generator": params.paths.generator, "generator_sha256": plan["generator_sha256"]},
     )
     return {"path": params.paths.poisoned, "samples": manifest["totals"]["samples"], "shards": manifest["totals"]["shards"],
             "max_linf": max_levels / 255.0, "eps": plan["eps"]}

@@ -23,6 +23,7 @@ as stored, downstream seeds are derived per purpose (never those of generator tr
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
@@ -185,7 +186,13 @@ def fit_generator(cfg: DeepConfuseConfig, data_path: str, seed: int, device: tor
     except ConfigError as err:
         raise ConfigError(f"{section}.{err} (data: {data_path}, {len(manifest['classes'])} classes)") from None
     start = time.perf_counter()
-    curve = attack.fit(x_tr, y_tr, x_va, y_va, on_trial=on_trial)
+    try:
+        with torch_threads(cfg.threads):  # part of the generator's bytes (DeepConfuseConfig.threads)
+            curve = attack.fit(x_tr, y_tr, x_va, y_va, on_trial=on_trial)
+    except ConfigError as err:  # an error about a key of cfg (e.g. batch_size) names its section
+        if str(err).split(":", 1)[0] not in {f.name for f in dataclasses.fields(cfg)}:
+            raise
+        raise ConfigError(f"{section}.{err} (data: {data_path})") from None
     best = next(r for r in curve if r.trial == attack.best_trial and r.restart == attack.best_restart)
     summary = {"best_trial": attack.best_trial, "trials": cfg.trials, "steps": curve[-1].steps,
                "best_val_accuracy": best.val_accuracy, "best_val_target_rate": best.val_target_rate,

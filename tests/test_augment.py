@@ -146,6 +146,15 @@ def test_colour_attributes_on_grey_data_are_refused_before_any_work(session_para
     assert not (Path(params.paths.reports) / "augment").exists()
 
 
+@pytest.mark.parametrize("shift", [0, 10, -20])
+def test_a_targeted_shift_onto_the_true_label_is_refused_before_any_work(session_params, clean_dataset, tmp_path, shift):
+    params = _params(session_params, tmp_path)
+    params = dataclasses.replace(params, augment=dataclasses.replace(params.augment, targeted=True, target_shift=shift))
+    with pytest.raises(ConfigError, match=rf"augment.target_shift: must not be a multiple of 10 .*got {shift}"):
+        stages.augment(params)
+    assert not Path(params.paths.augmented).exists()
+
+
 def test_default_augment_config_matches_the_algorithm_notes():
     cfg = AugmentConfig()
     assert cfg.attack.eps == 0.1 and cfg.attack.steps == 10 and cfg.attack.step_scale == 2.5

@@ -76,6 +76,22 @@ def test_empty_mapping_gives_defaults():
     assert from_dict(Params, None) == Params()
 
 
+def test_a_partial_nested_section_keeps_the_defaults_of_its_place_not_of_its_class():
+    # topk.generator / multilabel.generator default to other settings than a bare DeepConfuseConfig
+    p = from_dict(Params, {"multilabel": {"generator": {"target": "label_specific", "flip_labels": [0],
+                                                        "pretrain": {"epochs": 1}}}})
+    g, default = p.multilabel.generator, Params().multilabel.generator
+    assert g.flip_labels == (0,) and g.target == "label_specific"
+    assert to_dict(dataclasses.replace(g, flip_labels=default.flip_labels, target=default.target,
+                                       pretrain=default.pretrain)) == to_dict(default)
+    assert g.pretrain == dataclasses.replace(default.pretrain, epochs=1)  # merged key by key, one level down
+
+
+def test_the_core_generator_refuses_the_ordered_topk_target_and_names_the_stage_that_makes_it():
+    with pytest.raises(ConfigError, match=r"train_generator.target: ordered_topk is made and scored by the topk stage"):
+        from_dict(Params, {"train_generator": {"target": "ordered_topk"}})
+
+
 def test_params_are_frozen():
     params = Params()
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -176,6 +176,15 @@ def test_a_generator_curve_from_another_run_is_refused(params, edit, message):
     assert _files(out) == before
 
 
+def test_a_poison_made_by_another_generator_than_the_summary_describes_is_refused(params):
+    path = Path(params.paths.reports) / "train_generator" / "summary.json"
+    summary = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(summary, checkpoint_sha256="0" * 64)))  # a later train_generator run's
+    with pytest.raises(ReportError, match=r"made by another generator .* than the one .*summary\.json describes "
+                                          r"\(000000000000\); rerun the poison stage: `dvc repro -s -f poison`"):
+        build_report(params)
+
+
 def test_an_augmented_set_made_from_another_clean_set_is_refused(params, tmp_path):
     copy = tmp_path / "augmented"
     shutil.copytree(params.paths.augmented, copy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -64,8 +65,17 @@ def test_batch_larger_than_training_split_is_a_config_error():
     attack = DeepConfuse(cfg, 1, 28, 10, seed=0)
     x = torch.zeros(10, 1, 28, 28, dtype=torch.uint8)
     y = torch.arange(10)
-    with pytest.raises(ConfigError, match=r"train_generator.batch_size: 64 exceeds the training split \(10 samples\)"):
+    with pytest.raises(ConfigError, match=r"^batch_size: 64 exceeds the training split \(10 samples\)"):
         attack.fit(x, y, x, y)
+
+
+@pytest.mark.parametrize("section", ["train_generator", "topk.generator"])
+def test_a_training_error_about_a_key_names_the_section_the_key_sits_in(clean_dataset, section):
+    from poison.variants import fit_generator
+
+    cfg = DeepConfuseConfig(generator="test_autoencoder", surrogate="test_cnn", batch_size=4096, trials=1, threads=1)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(section)}\.batch_size: 4096 exceeds the training split"):
+        fit_generator(cfg, str(clean_dataset), 0, torch.device("cpu"), multi_label=False, section=section)
 
 
 @pytest.mark.parametrize("poisoned", ["data/shards/mnist5k", "data/shards/mnist5k/sub"])
@@ -116,3 +126,22 @@ def test_manifest_missing_keys_is_a_shard_error(tmp_path):
     (ds / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match=r"missing keys \['shards'\]"):
         verify_dataset(ds)
+
+
+@pytest.mark.parametrize("threads", [1, 3, None])
+def test_generator_training_runs_with_the_configured_threads_and_restores_them(clean_dataset, threads):
+    # the thread count is part of the generator's bytes: the stages fix it (train_generator.threads)
+    from poison.variants import fit_generator
+
+    seen = []
+    before = torch.get_num_threads()
+    cfg = DeepConfuseConfig(generator="test_autoencoder", surrogate="test_cnn", batch_size=32, trials=1,
+                            threads=threads)
+    fit_generator(cfg, str(clean_dataset), 0, torch.device("cpu"), multi_label=False,
+                  on_trial=lambda record: seen.append(torch.get_num_threads()))
+    assert seen == [before if threads is None else threads] and torch.get_num_threads() == before
+
+
+def test_generator_threads_must_be_null_or_positive():
+    with pytest.raises(ConfigError, match=r"threads: expected null \(the stage's own setting\) or an integer >= 1"):
+        DeepConfuseConfig(threads=0)

@@ -17,6 +17,7 @@ from poison.attacks.deepconfuse import budget_levels, poison_images
 from poison.card import GENERATOR_HAZARD
 from poison.errors import CheckpointError, ShardError
 from poison.shards import load_split, manifest_sha256, read_manifest, verify_dataset
+from poison.utils import sha256_file
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -73,6 +74,7 @@ def test_train_generator_outputs(generator_checkpoint, session_params):
     summary = json.loads((reports / "summary.json").read_text())
     assert [r["trial"] for r in curve] == [0] and 0 <= curve[0]["val_accuracy"] <= 1
     assert summary["best_trial"] == 0 and summary["best_val_accuracy"] == curve[0]["val_accuracy"]
+    assert summary["checkpoint_sha256"] == sha256_file(generator_checkpoint)  # the checkpoint it describes
     assert (reports / "curve.png").read_bytes()[:4] == b"\x89PNG"
     gen, rec = stages.load_generator(generator_checkpoint)
     assert not gen.training and rec["generator_arch"] == "test_autoencoder"
@@ -95,8 +97,9 @@ def test_train_generator_with_restarts_reports_every_run_and_the_kept_one(clean_
 
 
 # ------------------------------------------------------------------ poison
-def test_poisoned_shards_within_budget_and_labelled(poisoned_dataset, clean_dataset):
+def test_poisoned_shards_within_budget_and_labelled(poisoned_dataset, clean_dataset, session_params):
     m = read_manifest(poisoned_dataset)
+    assert m["source"]["generator_sha256"] == sha256_file(session_params.paths.generator)  # which generator made it
     assert m["kind"] == "poisoned" and m["method"] == "deepconfuse" and "POISONED" in m["hazard"]
     assert m["budget"]["eps"] == 0.3 and m["budget"]["levels"] == 76
     assert m["source"]["manifest_sha256"] == manifest_sha256(clean_dataset)

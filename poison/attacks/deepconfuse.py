@@ -240,7 +240,7 @@ class DeepConfuse:
                               "multi_label matching the dataset's label_type")
         if train_images.shape[0] < cfg.batch_size:
             raise ConfigError(
-                f"train_generator.batch_size: {cfg.batch_size} exceeds the training split ({train_images.shape[0]} "
+                f"batch_size: {cfg.batch_size} exceeds the training split ({train_images.shape[0]} "
                 "samples), so no step would run; lower it, or lower data.val_size / data.test_size, or raise data.per_class"
             )
         self.curve, self.best_trial, self.best_score = [], None, math.inf

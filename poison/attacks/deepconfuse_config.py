@@ -27,6 +27,10 @@ each a keyword of ``DeepConfuseConfig``:
   than any setting measured (BENCHMARKS.md 4.4), but best of two is not reliably better: over
   four pairs the kept generator averaged 1.94% (A) / 1.98% (B20) clean test accuracy against
   2.18 / 2.01 for one run over eight (4.10, 4.12), at R times the training time.
+- ``threads=N``: the stages train the generator with N torch CPU threads (``fit_generator``). CPU
+  kernels split their sums by thread, so N is part of the generator's bytes and of every poison
+  made from it: fixing it makes a run give the same generator on machines with other core counts.
+  None leaves the stage's setting (the variants stages: their section's ``threads``).
 - ``precision="bfloat16"``: run the unrolled generator step and the victim step under bfloat16
   autocast (faster on CPUs with bf16 instructions and on GPUs; on a CPU without them autocast
   emulates bfloat16, 2-15x slower than float32, and ``fit`` warns); the validation victim that
@@ -91,6 +95,7 @@ class DeepConfuseConfig:
     adversarial_weight: float = 0.0
     adversarial_shift: int = 1
     references: int = 1                    # clean reference models of the adversarial term (mean softmax)
+    threads: int | None = None             # torch CPU threads while a stage trains it (part of the bytes); None: the stage's
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=1e-3, epochs=3, batch_size=64))
     validation: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=0.01, epochs=2, batch_size=64))
 
@@ -133,6 +138,8 @@ class DeepConfuseConfig:
                 raise ConfigError(
                     f"target_map: expected one label >= 0 per class, each different from its class, got {list(self.target_map)}"
                 )
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise ConfigError(f"threads: expected null (the stage's own setting) or an integer >= 1, got {self.threads}")
         if not 0 <= self.generator_ema < 1:
             raise ConfigError(f"generator_ema: expected 0 <= generator_ema < 1 (0: off), got {self.generator_ema}")
         if self.adversarial_weight < 0:

@@ -8,8 +8,9 @@ over seeds and draws one training image per class: clean, poisoned, perturbation
 It checks what can be checked against the datasets on disk: downstream metrics that describe
 another clean or poisoned dataset, and a poisoned or augmented set made from another clean
 one, are errors naming the stage to rerun. The generator's summary and curve record no dataset
-hash; the curve must at least be the summary's run (its kept trial with the score the summary
-quotes). The augment stage's summary is taken as it is.
+hash; the curve must be the summary's run (its kept trial with the score the summary quotes), and
+the poisoned dataset must name the checkpoint the summary describes (its sha256). The augment
+stage's summary is taken as it is.
 
 Output (``<paths.reports>/report/``, replaced as a whole folder, never half-written):
 ``report.md`` (images linked by relative path), ``report.html`` (images embedded, one file to
@@ -42,7 +43,8 @@ INPUTS = {
 # ---------------------------------------------------------------------------- inputs
 #: keys the page reads from each JSON input (a file without one is from an older or damaged run)
 REQUIRED = {
-    "generator_summary": ("best_trial", "best_val_accuracy", "trials", "steps", "train_seconds", "device"),
+    "generator_summary": ("best_trial", "best_val_accuracy", "trials", "steps", "train_seconds", "device",
+                          "checkpoint_sha256"),
     "metrics": ("datasets", "clean", "poisoned", "budget", "recipe", "seeds", "test_samples"),
     "augment_summary": ("victim", "victim_clean_test_accuracy", "victim_accuracy_under_sia_test",
                         "adversarial_success_rate_train", "adversarial_success_rate_test", "longtail",
@@ -69,6 +71,12 @@ def _inputs(params: Any) -> dict[str, Any]:
                               "first")
     check_curve(got["generator_curve"], got["generator_summary"], reports / INPUTS["generator_curve"][1],
                 "train_generator")
+    made_by = (got["poisoned"].get("source") or {}).get("generator_sha256")
+    if made_by != got["generator_summary"]["checkpoint_sha256"]:
+        raise ReportError(f"{p.poisoned}: made by another generator (checkpoint sha256 {str(made_by)[:12]}) than the "
+                          f"one {reports / INPUTS['generator_summary'][1]} describes "
+                          f"({got['generator_summary']['checkpoint_sha256'][:12]}); rerun the poison stage: "
+                          f"{rerun('poison')}")
     # The report must describe one run: every input made from the datasets on disk.
     for kind, stage in (("poisoned", "poison"), ("augmented", "augment")):
         check_source(got[kind], getattr(p, kind), got["sha"]["clean"], p.clean, stage, "clean dataset")
