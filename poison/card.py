@@ -51,7 +51,8 @@ def dataset_card(manifest: dict[str, Any], metrics: dict[str, Any] | None = None
         f"- kind: `{kind}`; method: `{manifest.get('method') or 'none (clean copy of the source)'}`",
         ("- budget: none (the source's images, unchanged)" if not budget else
          (f"- budget: {budget.get('norm', '-')} eps = {budget.get('eps', '-')} "
-          f"(<= {budget.get('levels', '-')} uint8 levels per pixel, checked after quantization)") if kind != "semantic" else
+          f"(<= {budget.get('levels', '-')} uint8 levels per pixel, checked after quantization)")
+         if kind != "semantic" else
          (f"- budget: semantic attributes within identity +- {budget.get('attributes', {})}, then an image-space "
           f"{budget.get('norm', '-')} perturbation of at most {budget.get('eps', '-')}")),
         f"- seed: {manifest['seed']}; source: `{src.get('dataset') or '-'}`"

@@ -178,8 +178,8 @@ def _clean_counterparts(clean_dir: str, split: str, metas: list[dict], where: st
              if s["key"] in wanted}
     missing = sorted(wanted - set(found))
     if missing:
-        raise PoisonError(f"--clean {clean_dir}: has no sample {missing[0]!r}, which {where}'s {split!r} split was made "
-                          f"from ({len(missing)} missing); pass the clean dataset named in its manifest's source")
+        raise PoisonError(f"--clean {clean_dir}: has no sample {missing[0]!r}, which {where}'s {split!r} split "
+                          f"was made from ({len(missing)} missing); pass the clean dataset its manifest's source names")
     return torch.stack([found[meta["source_key"]] for meta in metas])
 
 

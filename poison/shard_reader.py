@@ -328,9 +328,9 @@ def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: in
         else:
             label = int(sample["cls"])
             if num_classes is not None and not 0 <= label < num_classes:
-                raise ShardError(f"{url}: sample {key!r}: label {label} is not a class index in [0, {num_classes - 1}] "
-                                 "(the manifest's classes); the shard is corrupt or not of this manifest: regenerate or "
-                                 "re-fetch the dataset")
+                raise ShardError(f"{url}: sample {key!r}: label {label} is not a class index in "
+                                 f"[0, {num_classes - 1}] (the manifest's classes); the shard is corrupt or not of "
+                                 "this manifest: regenerate or re-fetch the dataset")
             meta = json.loads(sample["json"]) if meta and "json" in sample else {}
             if not isinstance(meta, dict):
                 raise ShardError(f"{url}: sample {key!r}: its json member is {type(meta).__name__}, expected an "

@@ -95,7 +95,8 @@ class DeepConfuseConfig:
     adversarial_weight: float = 0.0
     adversarial_shift: int = 1
     references: int = 1                    # clean reference models of the adversarial term (mean softmax)
-    threads: int | None = None             # torch CPU threads while a stage trains it (part of the bytes); None: the stage's
+    threads: int | None = None             # torch CPU threads while a stage trains it (part of the bytes);
+                                           # None: the stage's own setting
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=1e-3, epochs=3, batch_size=64))
     validation: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=0.01, epochs=2, batch_size=64))
 
@@ -139,7 +140,8 @@ class DeepConfuseConfig:
                     f"target_map: expected one label >= 0 per class, each different from its class, got {list(self.target_map)}"
                 )
         if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
-            raise ConfigError(f"threads: expected null (the stage's own setting) or an integer >= 1, got {self.threads}")
+            raise ConfigError(f"threads: expected null (the stage's own setting) or an integer >= 1, "
+                              f"got {self.threads}")
         if not 0 <= self.generator_ema < 1:
             raise ConfigError(f"generator_ema: expected 0 <= generator_ema < 1 (0: off), got {self.generator_ema}")
         if self.adversarial_weight < 0:

@@ -15,8 +15,8 @@ import torch
 
 from poison.errors import PoisonError
 
-__all__ = ["ReportError", "dvc_target", "rerun", "read_json", "read_manifest", "check_source", "check_described", "check_curve",
-           "first_per_class",
+__all__ = ["ReportError", "dvc_target", "rerun", "read_json", "read_manifest", "check_source", "check_described",
+           "check_curve", "first_per_class",
            "pct", "spread", "per_class_means", "samples", "budget", "revisions"]
 
 
