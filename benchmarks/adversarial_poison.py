@@ -32,7 +32,7 @@ from poison.bench import RECIPES as BENCH_RECIPES
 from poison.evaluate import fit_classifier, train_and_test
 from poison.models import check_classifiers
 from poison.shards import load_split, read_manifest
-from poison.train import TrainConfig, predict, to_float
+from poison.train import TrainConfig, build_model, predict, to_float, train_classifier
 from poison.utils import derive_seed, make_generator
 
 #: issue 3's recipes A and B20 (``poison.bench``) and the generator's validation recipe B5
@@ -65,6 +65,10 @@ def main() -> None:
     parser.add_argument("--ref-epochs", type=int, default=3, help="its training: Adam, batch 64, this many epochs")
     parser.add_argument("--ref-lr", type=float, default=1e-3, help="its Adam learning rate")
     parser.add_argument("--ref-seed", type=int, default=7, help="seeds the reference model and PGD starts")
+    parser.add_argument("--ref-adv-eps", type=float, default=0.0,
+                        help="> 0: train the reference adversarially, loss 0.5 CE(x) + 0.5 CE(PGD of this L-inf "
+                             "radius) (BENCHMARKS.md 4.16)")
+    parser.add_argument("--ref-adv-steps", type=int, default=5, help="PGD steps of that training")
     parser.add_argument("--arch", default="dc_cnn", help="downstream classifier")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["A", "B20"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="downstream seeds")
@@ -76,14 +80,24 @@ def main() -> None:
     x, y, _ = load_split(args.clean, "train")
     x_ev, y_ev, _ = load_split(args.clean, args.split)
     k = len(read_manifest(args.clean)["classes"])
+    if not 0 <= args.ref_adv_eps <= 1 or args.ref_adv_steps < 1:
+        parser.error(f"--ref-adv-eps / --ref-adv-steps: expected a radius in [0, 1] and at least one step, got "
+                     f"{args.ref_adv_eps} / {args.ref_adv_steps}")
     if args.shift % k == 0:
         parser.error(f"--shift: must not be a multiple of {k}, the number of classes (got {args.shift}); "
                      "every class needs another class to carry the features of")
     cpu = torch.device("cpu")
     start = time.perf_counter()
     ref_recipe = TrainConfig("adam", args.ref_lr, epochs=args.ref_epochs, batch_size=64)
-    ref = fit_classifier(x, y, arch=args.ref_arch, recipe=ref_recipe,
-                         seed=derive_seed(args.ref_seed, "adversarial-poison-reference"), num_classes=k, device=cpu)
+    if args.ref_adv_eps > 0:
+        pgd_gen = make_generator(args.ref_seed, "adversarial-poison-reference-pgd")
+        ref = build_model(args.ref_arch, x.shape[1], x.shape[-1], k,
+                          derive_seed(args.ref_seed, "adversarial-poison-reference"), cpu)
+        train_classifier(ref, x, y, ref_recipe, make_generator(args.ref_seed, "adversarial-poison-reference-order"),
+                         adversary=lambda m, xb, yb: pgd(m, xb, yb, args.ref_adv_eps, args.ref_adv_steps, pgd_gen))
+    else:
+        ref = fit_classifier(x, y, arch=args.ref_arch, recipe=ref_recipe,
+                             seed=derive_seed(args.ref_seed, "adversarial-poison-reference"), num_classes=k, device=cpu)
     ref.eval().requires_grad_(False)
     poisoned = craft(x, y, ref, args.shift, args.eps, args.steps, k, args.ref_seed)
     seconds = time.perf_counter() - start
@@ -95,7 +109,8 @@ def main() -> None:
     # y - shift is the class a model that learnt "features of c + shift -> c" answers on a clean y
     target_map = (torch.arange(k) - args.shift) % k
     results: dict = {"shift": args.shift, "eps": args.eps, "steps": args.steps, "ref_arch": args.ref_arch,
-                     "ref_epochs": args.ref_epochs, "ref_lr": args.ref_lr, "arch": args.arch, "split": args.split,
+                     "ref_epochs": args.ref_epochs, "ref_lr": args.ref_lr, "ref_adv_eps": args.ref_adv_eps,
+                     "ref_adv_steps": args.ref_adv_steps, "arch": args.arch, "split": args.split,
                      "craft_seconds": round(seconds, 1), "reference_hit_rate": hit,
                      "reference_hit_rate_clean": hit_clean, "max_levels": levels}
     for name in args.recipes:

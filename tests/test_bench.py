@@ -191,6 +191,23 @@ def test_adversarial_poison_baseline_reaches_its_target_within_budget(clean_data
     assert len(result["A"]["accuracy"]) == 2 and all(0.0 <= r <= 1.0 for r in result["A"]["target_rate"])
     bad = subprocess.run([*cmd[:4], "--shift", "10"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode != 0 and "--shift: must not be a multiple of 10" in bad.stderr
+    bad = subprocess.run([*cmd[:4], "--ref-adv-eps", "2"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode != 0 and "--ref-adv-eps / --ref-adv-steps: expected a radius in [0, 1]" in bad.stderr
+
+
+def test_adversarial_poison_baseline_with_an_adversarially_trained_reference(clean_dataset):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "adversarial_poison.py"), "--clean", str(clean_dataset),
+           "--ref-arch", "test_cnn", "--arch", "test_cnn", "--ref-epochs", "2", "--steps", "3", "--recipes", "A",
+           "--seeds", "0", "--threads", "1", "--shift", "-1", "--ref-adv-eps", "0.1", "--ref-adv-steps", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.split("RESULT", 1)[1])
+    assert (result["ref_adv_eps"], result["ref_adv_steps"]) == (0.1, 2) and result["max_levels"] <= int(0.3 * 255)
 
 
 def test_targets_merge_keeps_the_methods_a_rerun_did_not_measure():
