@@ -37,7 +37,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from poison.card import HAZARD
 from poison.errors import PoisonedDatasetWarning, ShardError
-from poison.shard_reader import _checked_samples, _tar_samples, check_shard_bytes, label_count, parse_manifest, shard_name
+from poison.manifest import check_shard_bytes, label_count, parse_manifest, shard_name
+from poison.shard_reader import checked_samples
+from poison.tar_reader import tar_samples
 from poison.stores import Store, fetch_from_dvc, open_store
 from poison.utils import make_generator, sha256_bytes
 
@@ -104,7 +106,7 @@ class _Source:
         data = self.store.read(name)
         if verify:
             check_shard_bytes(data, rec, url)
-        return _checked_samples(_tar_samples(data, url), rec, url, self.shape, meta, label_count(self.manifest),
+        return checked_samples(tar_samples(data, url), rec, url, self.shape, meta, label_count(self.manifest),
                                 len(self.manifest["classes"]))
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 from poison.errors import ShardError
 from poison.card import AUGMENTED, GENERATOR_HAZARD, HAZARD, dataset_card
-from poison.shard_reader import check_shard_bytes, parse_manifest, read_manifest, shard_name, verify_dataset
+from poison.manifest import check_shard_bytes, parse_manifest, read_manifest, shard_name, verify_dataset
 from poison.stores import LocalStore, Store, open_store
 from poison.utils import canonical_json, remove_stale_folders, sha256_bytes, sha256_file, swap_in_folder
 

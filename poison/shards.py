@@ -1,4 +1,5 @@
-"""WebDataset shards: writing datasets (reading and verifying: poison/shard_reader.py; the card: poison/card.py).
+"""WebDataset shards: writing datasets (manifests and verifying: poison/manifest.py; reading:
+poison/shard_reader.py, poison/tar_reader.py; the card: poison/card.py).
 
 Layout of a dataset folder (DESIGN.md, data contracts)::
 
@@ -35,22 +36,19 @@ import torch
 from poison import __version__
 from poison.card import AUGMENTED, HAZARD, dataset_card
 from poison.errors import ShardError
-from poison.shard_reader import (  # noqa: F401  (re-exported: the reading API)
+from poison.manifest import (  # noqa: F401  (re-exported: the reading API)
     DATASET_NAME,
     KINDS,
-    SAFE_EXTENSIONS,
     SCHEMA_VERSION,
     check_shard_bytes,
-    iter_samples,
     label_count,
-    load_range,
-    load_split,
     manifest_sha256,
     parse_manifest,
     read_manifest,
     shard_name,
     verify_dataset,
 )
+from poison.shard_reader import SAFE_EXTENSIONS, iter_samples, load_range, load_split  # noqa: F401  (re-exported)
 from poison.utils import atomic_path, canonical_json, git_revision, remove_stale_folders, sha256_file, swap_in_folder
 
 __all__ = [

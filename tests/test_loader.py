@@ -270,9 +270,9 @@ def test_manifest_is_the_source_of_the_shape(poisoned_dataset):
 
 
 def _members(tar_bytes: bytes) -> list[tuple[str, bytes]]:
-    from poison.shard_reader import _tar_samples
+    from poison.tar_reader import tar_samples
 
-    return [(s["__key__"], s["cls"]) for s in _tar_samples(tar_bytes, "x.tar")]
+    return [(s["__key__"], s["cls"]) for s in tar_samples(tar_bytes, "x.tar")]
 
 
 def _tar(entries, fmt) -> bytes:
