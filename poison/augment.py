@@ -107,28 +107,30 @@ def attack_dataset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Augm
                    generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     """SIA on every image of uint8 ``x`` in batches; returns the stored (uint8) images and the records.
 
-    Success is judged on the image as stored (uint8), like every poison in this project.
+    Success is judged on the image as stored (uint8), like every poison in this project;
+    ``already`` marks images that succeed unattacked (the victim already misclassifies them, or
+    already predicts the target): they count as successes, as robust accuracy counts them.
     """
-    images, attrs, linf, success, steps = [], [], [], [], []
+    images, attrs, linf, success, steps, already = [], [], [], [], [], []
     for i in range(0, x.shape[0], cfg.batch_size):
         xb = to_float(x[i : i + cfg.batch_size]).to(device)
         yb = y[i : i + cfg.batch_size].to(device)
         tb = (yb + cfg.target_shift) % num_classes if cfg.targeted else None
+        already.append(_stored_success(model, xb, yb, tb)[1])
         r = sia(model, xb, yb, cfg.attack, generator, targets=tb)
-        stored = (r.images * 255).round().clamp(0, 255).to(torch.uint8).cpu()
-        with torch.no_grad():
-            pred = model(to_float(stored).to(device)).argmax(1).cpu()
+        stored, ok = _stored_success(model, r.images, yb, tb)
         images.append(stored)
         attrs.append(r.attributes.cpu())
         linf.append(r.delta.abs().flatten(1).amax(1).cpu())
-        success.append(pred != yb.cpu() if tb is None else pred == tb.cpu())
+        success.append(ok)
         steps.append(r.steps.cpu())
     if not images:
         k = len(cfg.attack.attributes)
         return {"images": x[:0].clone(), "attributes": torch.zeros(0, k), "image_linf": torch.zeros(0),
-                "success": torch.zeros(0, dtype=torch.bool), "steps": torch.zeros(0, dtype=torch.long)}
+                "success": torch.zeros(0, dtype=torch.bool), "steps": torch.zeros(0, dtype=torch.long),
+                "already": torch.zeros(0, dtype=torch.bool)}
     return {"images": torch.cat(images), "attributes": torch.cat(attrs), "image_linf": torch.cat(linf),
-            "success": torch.cat(success), "steps": torch.cat(steps)}
+            "success": torch.cat(success), "steps": torch.cat(steps), "already": torch.cat(already)}
 
 
 def tail_plan(labels: torch.Tensor, num_classes: int, share: float) -> list[int]:
@@ -147,9 +149,26 @@ def tail_plan(labels: torch.Tensor, num_classes: int, share: float) -> list[int]
     return plan
 
 
+def _stored_success(model: nn.Module, images: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the images as stored (uint8, CPU), whether each succeeds as stored: misclassified / the target)."""
+    stored = (images * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+    with torch.no_grad():
+        pred = model(to_float(stored).to(images.device)).argmax(1).cpu()
+    return stored, (pred != y.cpu() if targets is None else pred == targets.cpu())
+
+
+def _rate(flags: torch.Tensor) -> float | None:
+    """The share of true flags; None for none."""
+    return float(flags.float().mean()) if flags.numel() else None
+
+
 def single_attribute_rates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig,
                            num_classes: int, seed: int, device: torch.device) -> dict[str, float]:
-    """Success rate of SIA restricted to each attribute alone, without image-space perturbation."""
+    """Success rate of SIA restricted to each attribute alone, without image-space perturbation.
+
+    Judged on the images as stored (uint8), like ``attack_dataset``'s successes.
+    """
     rates = {}
     for name in cfg.attack.attributes:
         gen = make_generator(seed, "augment-single", name)
@@ -158,7 +177,8 @@ def single_attribute_rates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c
             xb = to_float(x[i : i + cfg.batch_size]).to(device)
             yb = y[i : i + cfg.batch_size].to(device)
             tb = (yb + cfg.target_shift) % num_classes if cfg.targeted else None
-            ok += int(sia(model, xb, yb, cfg.attack, gen, targets=tb, only=name).success.sum())
+            r = sia(model, xb, yb, cfg.attack, gen, targets=tb, only=name)
+            ok += int(_stored_success(model, r.images, yb, tb)[1].sum())
         rates[name] = ok / max(x.shape[0], 1)
     return rates
 
@@ -300,9 +320,13 @@ def augment(params: Params) -> dict[str, Any]:
     reports = report_dir(params, "augment")
     lt_counts = torch.bincount(y[lt], minlength=k).tolist()
     summary = {
-        "victim": cfg.victim, "victim_clean_test_accuracy": clean_acc,
+        "victim": cfg.victim, "device": str(device), "victim_clean_test_accuracy": clean_acc,
         "adversarial_success_rate_train": float(adv["success"].float().mean()),
         "adversarial_success_rate_test": float(test_adv["success"].float().mean()),
+        # the rates above count images that succeed unattacked (already wrong / already the target);
+        # the share of those, and the success rate on the others
+        "already_successful_test": float(test_adv["already"].float().mean()),
+        "adversarial_success_rate_test_attacked": _rate(test_adv["success"][~test_adv["already"]]),
         "victim_accuracy_under_sia_test": float((~test_adv["success"]).float().mean()) if not cfg.targeted else None,
         "single_attribute_success_rate": single,
         "longtail": {"imbalance_ratio": cfg.tail.imbalance_ratio, "class_counts": lt_counts,

@@ -338,6 +338,7 @@ def evaluate_finish(params: Params, plan: dict[str, Any], runs: list[dict[str, A
         "recipe": to_dict(params.evaluate.recipe),
         "seeds": list(params.evaluate.seeds),
         "threads": params.evaluate.threads,
+        "device": str(resolve_device(params.device)),  # `device: auto` resolved on this host (DVC cannot see it)
         "test_samples": int(y_te.numel()),
         # which datasets these numbers describe (publish attaches them only to these)
         "datasets": {"clean": {"path": params.paths.clean, "manifest_sha256": shas["clean"]},

@@ -189,3 +189,43 @@ def test_strength_and_advtrain_benchmarks_run_on_tiny_data(clean_dataset):
     a = bench.advtrain(0, 1, str(clean_dataset), "sia_at")
     assert all(0 <= a[k] <= 1 for k in ("clean", "pgd", "fgsm", "sia"))
     assert "| SIA, attributes + L-inf 0.1 |" in bench.markdown({"strength": {"runs": [s]}})
+
+
+class _FractionDetector(torch.nn.Module):
+    """Predicts class 1 exactly when some pixel is off the uint8 grid: wrong on float images only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        off = ((x * 255 - (x * 255).round()).abs() > 1e-3).flatten(1).any(1).float()
+        return torch.stack([torch.zeros_like(off), off * self.w + 0 * x.flatten(1).sum(1)], 1)  # grads: zero
+
+
+def test_single_attribute_and_attack_successes_are_judged_on_the_stored_images():
+    from poison.augment import attack_dataset, single_attribute_rates
+
+    cfg = AugmentConfig(attack=dataclasses.replace(AugmentConfig().attack, attributes=("brightness",), eps=0.0),
+                        batch_size=4)
+    x = torch.full((6, 1, 8, 8), 100, dtype=torch.uint8)
+    y = torch.zeros(6, dtype=torch.long)
+    model = _FractionDetector().eval()
+    # a brightness change off the grid fools the model on float images, never once stored as uint8
+    assert single_attribute_rates(model, x, y, cfg, 2, 0, torch.device("cpu")) == {"brightness": 0.0}
+    res = attack_dataset(model, x, y, cfg, 2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert not res["success"].any() and not res["already"].any()
+    # images the model already gets wrong count as successes, and are marked as such
+    res = attack_dataset(model, x, torch.ones(6, dtype=torch.long), cfg, 2, torch.Generator().manual_seed(0),
+                         torch.device("cpu"))
+    assert res["already"].all() and res["success"].all()
+
+
+def test_summary_separates_the_images_that_succeed_unattacked(augmented):
+    params, _ = augmented
+    s = json.loads((Path(params.paths.reports) / "augment" / "summary.json").read_text())
+    n = read_manifest(params.paths.clean)["splits"]["test"]["samples"]
+    # untargeted: succeeding unattacked = the victim's clean test errors
+    assert abs(s["already_successful_test"] - (1 - s["victim_clean_test_accuracy"])) < 0.5 / n
+    assert 0 <= s["adversarial_success_rate_test_attacked"] <= 1
+    assert s["device"] == str(torch.device("cpu"))  # the tests' params pin the cpu

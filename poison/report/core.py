@@ -48,7 +48,8 @@ REQUIRED = {
     "metrics": ("datasets", "clean", "poisoned", "budget", "recipe", "seeds", "test_samples"),
     "augment_summary": ("victim", "victim_clean_test_accuracy", "victim_accuracy_under_sia_test",
                         "adversarial_success_rate_train", "adversarial_success_rate_test", "longtail",
-                        "single_attribute_success_rate"),
+                        "single_attribute_success_rate", "already_successful_test",
+                        "adversarial_success_rate_test_attacked"),
 }
 
 
@@ -192,7 +193,9 @@ def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
             f"{pct(aug['victim_clean_test_accuracy'])}, under the semantic attack "
             f"{pct(aug['victim_accuracy_under_sia_test'])}",
             f"attack success: {pct(aug['adversarial_success_rate_train'])} of training images, "
-            f"{pct(aug['adversarial_success_rate_test'])} of test images",
+            f"{pct(aug['adversarial_success_rate_test'])} of test images (counting the "
+            f"{pct(aug['already_successful_test'])} that succeed unattacked, as robust accuracy does; "
+            f"{pct(aug['adversarial_success_rate_test_attacked'])} of the others)",
             f"long-tailed split (imbalance {tail.get('imbalance_ratio')}): class counts {tail.get('class_counts')}, "
             f"filled with {tail.get('variants')} attacked variants ({pct(tail.get('variant_success_rate'))} "
             "of them successful attacks)",
