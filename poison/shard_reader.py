@@ -1,7 +1,7 @@
 """Reading poison datasets: decoding shards without trusting them.
 
-The writer is ``poison.shards``; the manifest and verification are ``poison.manifest`` (re-exported
-here: this module is everything a consumer needs); tar parsing is ``poison.tar_reader``. Shards
+The writer is ``poison.shards`` (which re-exports the whole reading API); the manifest and
+verification are ``poison.manifest``; tar parsing is ``poison.tar_reader``. Shards
 and manifests are untrusted input: every shard's size and sha256 are checked against the manifest
 before its samples are decoded (``verify``), tars are parsed in memory and never extracted, only
 members with the extensions in ``SAFE_EXTENSIONS`` are read, a PNG's size is checked from its
@@ -21,40 +21,14 @@ import numpy as np
 import torch
 
 from poison.errors import ShardError
-from poison.manifest import (  # noqa: F401  (re-exported: the reading API)
-    DATASET_NAME,
-    KINDS,
-    SCHEMA_VERSION,
-    check_shard_bytes,
-    label_count,
-    manifest_sha256,
-    parse_manifest,
-    read_manifest,
-    shard_name,
-    shard_path,
-    verify_dataset,
-)
+from poison.manifest import check_shard_bytes, label_count, read_manifest, shard_path
 from poison.tar_reader import tar_samples
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "SAFE_EXTENSIONS",
-    "KINDS",
-    "read_manifest",
-    "parse_manifest",
-    "manifest_sha256",
-    "verify_dataset",
-    "shard_name",
-    "label_count",
-    "check_shard_bytes",
-    "checked_samples",
-    "iter_samples",
-    "load_split",
-    "load_range",
-]
+__all__ = ["SAFE_EXTENSIONS", "checked_samples", "iter_samples", "load_split", "load_range"]
 
 #: Member extensions a reader accepts; everything else (pickle, pyd, pth, ...) is refused.
 SAFE_EXTENSIONS = frozenset({"png", "cls", "json", "txt", "npy", "delta.npy"})
+
 
 def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: int | None = None,
             shape: tuple[int, int, int] | None = None, num_classes: int | None = None) -> dict[str, Any]:
