@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from poison.config import Params
 
 __all__ = ["AugmentConfig", "TailConfig", "augment", "long_tail_indices", "attack_dataset", "tail_plan", "train_victim",
-           "diagnosis_png"]
+           "diagnosis_png", "success_rates"]
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,8 @@ def attack_dataset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Augm
     """SIA on every image of uint8 ``x`` in batches; returns the stored (uint8) images and the records.
 
     Success is judged on the image as stored (uint8), like every poison in this project;
-    ``already`` marks images that succeed unattacked (the victim already misclassifies them, or
-    already predicts the target): they count as successes, as robust accuracy counts them.
+    ``already`` marks images that succeed before the attack (the victim already misclassifies
+    them, or already predicts the target); ``success_rates`` reports them apart.
     """
     images, attrs, linf, success, steps, already = [], [], [], [], [], []
     for i in range(0, x.shape[0], cfg.batch_size):
@@ -161,6 +161,24 @@ def _stored_success(model: nn.Module, images: torch.Tensor, y: torch.Tensor, tar
 def _rate(flags: torch.Tensor) -> float | None:
     """The share of true flags; None for none."""
     return float(flags.float().mean()) if flags.numel() else None
+
+
+def success_rates(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], targeted: bool
+                  ) -> dict[str, float | None]:
+    """The summary's attack rates from ``attack_dataset`` results on the training and test splits.
+
+    Success rates are over every image, as attacked and stored; ``already_successful_test`` is
+    the share of test images that succeeded before the attack (untargeted: the victim's clean
+    errors), and ``adversarial_success_rate_test_attacked`` the success rate on the others
+    (the attack's own doing). None where there is no image to count.
+    """
+    return {
+        "adversarial_success_rate_train": _rate(train["success"]),
+        "adversarial_success_rate_test": _rate(test["success"]),
+        "already_successful_test": _rate(test["already"]),
+        "adversarial_success_rate_test_attacked": _rate(test["success"][~test["already"]]),
+        "victim_accuracy_under_sia_test": None if targeted else _rate(~test["success"]),
+    }
 
 
 def single_attribute_rates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig,
@@ -321,17 +339,10 @@ def augment(params: Params) -> dict[str, Any]:
     lt_counts = torch.bincount(y[lt], minlength=k).tolist()
     summary = {
         "victim": cfg.victim, "device": str(device), "victim_clean_test_accuracy": clean_acc,
-        "adversarial_success_rate_train": float(adv["success"].float().mean()),
-        "adversarial_success_rate_test": float(test_adv["success"].float().mean()),
-        # the rates above count images that succeed unattacked (already wrong / already the target);
-        # the share of those, and the success rate on the others
-        "already_successful_test": float(test_adv["already"].float().mean()),
-        "adversarial_success_rate_test_attacked": _rate(test_adv["success"][~test_adv["already"]]),
-        "victim_accuracy_under_sia_test": float((~test_adv["success"]).float().mean()) if not cfg.targeted else None,
+        **success_rates(adv, test_adv, cfg.targeted),
         "single_attribute_success_rate": single,
         "longtail": {"imbalance_ratio": cfg.tail.imbalance_ratio, "class_counts": lt_counts,
-                     "variants": len(src_list), "variant_success_rate": float(tail["success"].float().mean())
-                     if len(src_list) else None},
+                     "variants": len(src_list), "variant_success_rate": _rate(tail["success"])},
         "samples": {s: v["samples"] for s, v in manifest["splits"].items()},
     }
     atomic_write_json(reports / "summary.json", summary)

@@ -107,7 +107,7 @@ class _Source:
         if verify:
             check_shard_bytes(data, rec, url)
         return checked_samples(tar_samples(data, url), rec, url, self.shape, meta, label_count(self.manifest),
-                                len(self.manifest["classes"]))
+                               len(self.manifest["classes"]))
 
 
 class ShardDataset(IterableDataset):

@@ -41,6 +41,7 @@ DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 KINDS = ("clean", "poisoned", "semantic")
 _SHARD_NAME = re.compile(r"^([a-z0-9]+)-(\d{6})\.tar$")
 
+
 def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Return the parsed ``manifest.json`` of a dataset folder."""
     path = Path(dataset_dir) / "manifest.json"

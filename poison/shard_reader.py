@@ -49,12 +49,18 @@ def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: in
             raise ShardError(f"{url}: sample {key!r} lacks its {need!r} member; the shard is corrupt or not of this "
                              "manifest: regenerate or re-fetch the dataset")
     try:
-        # Image.open reads the header only; the shape check below refuses an image larger than the
-        # manifest's before a pixel is decoded (PIL itself raises DecompressionBombError past twice its
-        # limit). No warnings.catch_warnings here: it swaps process-wide filters and the stages decode
+        # Image.open reads the header only: the size checks below run before a pixel is decoded. PIL
+        # raises DecompressionBombError past twice its pixel limit and only warns between once and
+        # twice it, so that range is refused here, by hand: the manifest's shape is as untrusted as
+        # the PNG, and warnings.catch_warnings would swap process-wide filters while stages decode
         # in threads.
         img = Image.open(io.BytesIO(sample["png"]))
         with img:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and img.size[0] * img.size[1] > limit:
+                raise ShardError(f"{url}: sample {key!r} is {img.size[0]} x {img.size[1]} pixels, past PIL's limit of "
+                                 f"{limit} (a decompression bomb?); the shard is corrupt or tampered with: "
+                                 "regenerate or re-fetch the dataset")
             if img.format != "PNG" or img.mode not in ("L", "RGB"):
                 raise ShardError(f"{url}: sample {key!r}: expected an 8-bit L or RGB PNG, got {img.format} {img.mode}; "
                                  "regenerate or re-fetch the dataset")
@@ -84,7 +90,7 @@ def _decode(sample: dict[str, Any], url: str, meta: bool = True, multi_label: in
     except ShardError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # (the warning arrives as an exception where the caller's filters make warnings errors)
+        # (PIL's warning arrives as an exception where the caller's filters make warnings errors)
         raise ShardError(f"{url}: sample {key!r} does not decode ({exc}); the shard is corrupt: regenerate or "
                          "re-fetch the dataset") from exc
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -142,12 +148,12 @@ def _shard_samples(base: Path, rec: dict[str, Any], shape: tuple[int, int, int],
     if verify:
         check_shard_bytes(data, rec, url)
     yield from checked_samples(tar_samples(data, url), rec, url, shape, multi_label=multi_label,
-                                num_classes=num_classes)
+                               num_classes=num_classes)
 
 
 def checked_samples(raw_samples: Iterator[dict[str, Any]], rec: dict[str, Any], url: str,
-                     shape: tuple[int, int, int], meta: bool = True, multi_label: int | None = None,
-                     num_classes: int | None = None) -> Iterator[dict[str, Any]]:
+                    shape: tuple[int, int, int], meta: bool = True, multi_label: int | None = None,
+                    num_classes: int | None = None) -> Iterator[dict[str, Any]]:
     """Decode a shard's raw samples, checking each image's shape, label and the shard's sample count.
 
     ``multi_label``: the label-vector length of a multi-label dataset (``label_count``);

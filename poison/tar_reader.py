@@ -21,6 +21,7 @@ __all__ = ["tar_samples"]
 
 _OCTAL = re.compile(rb"[0-7]*")
 
+
 def tar_samples(source: Path | bytes, where: str | None = None) -> Iterator[dict[str, Any]]:
     """Yield WebDataset-style samples ({"__key__", ext: bytes}) of a tar file or tar bytes, in order.
 

@@ -229,3 +229,25 @@ def test_summary_separates_the_images_that_succeed_unattacked(augmented):
     assert abs(s["already_successful_test"] - (1 - s["victim_clean_test_accuracy"])) < 0.5 / n
     assert 0 <= s["adversarial_success_rate_test_attacked"] <= 1
     assert s["device"] == str(torch.device("cpu"))  # the tests' params pin the cpu
+
+
+def test_success_rates_split_the_test_images_by_their_state_before_the_attack():
+    from poison.augment import success_rates
+
+    t = torch.tensor
+    train = {"success": t([True, False, True, True])}
+    #            already:  yes    yes    no     no     no
+    test = {"success": t([True, False, True, False, False]), "already": t([True, True, False, False, False])}
+    r = success_rates(train, test, targeted=False)
+    assert r["adversarial_success_rate_train"] == 0.75
+    assert r["adversarial_success_rate_test"] == pytest.approx(2 / 5)
+    assert r["already_successful_test"] == pytest.approx(2 / 5)
+    assert r["adversarial_success_rate_test_attacked"] == pytest.approx(1 / 3)  # of the three not already wrong
+    assert r["victim_accuracy_under_sia_test"] == pytest.approx(3 / 5)
+    assert success_rates(train, test, targeted=True)["victim_accuracy_under_sia_test"] is None
+    # nothing to count: None, never NaN (summary.json must stay valid JSON)
+    empty = {"success": t([], dtype=torch.bool), "already": t([], dtype=torch.bool)}
+    r = success_rates(empty, empty, targeted=False)
+    assert all(v is None for v in r.values())
+    every = {"success": t([True, True]), "already": t([True, True])}
+    assert success_rates(train, every, targeted=False)["adversarial_success_rate_test_attacked"] is None

@@ -135,7 +135,7 @@ def test_dvc_repro_end_to_end_then_up_to_date(repro, dvc_env):
     for kind in ("clean", "poisoned"):
         assert 0.0 <= metrics[kind]["test_cnn"]["accuracy_mean"] <= 1.0
     assert metrics["budget"]["within_budget"] is True
-    assert metrics["device"] == "cpu"  # `device: auto` as resolved on this host (CI has no GPU)
+    assert metrics["device"] == "cpu"  # the device the cells ran on (these params pin the cpu)
     assert (repo / "reports" / "evaluate" / "confusion" / "poisoned_test_cnn.png").is_file()
     page = (repo / "reports" / "report" / "report.md").read_text()
     assert read_manifest(poisoned)["hazard"] in page and "`test_cnn`" in page

@@ -71,6 +71,9 @@ def test_report_names_the_hazard_and_shows_every_measured_figure(params):
     assert f"kept: trial {summary['best_trial']} (0-based), chosen on the **validation** split" in md
     augment = json.loads((Path(params.paths.reports) / "augment" / "summary.json").read_text())
     assert f"clean test accuracy {100 * augment['victim_clean_test_accuracy']:.2f}%" in md
+    assert (f"({100 * augment['already_successful_test']:.2f}% of the test images succeeded before the attack: "
+            "misclassified, or already the target; success on the others: "
+            f"{100 * augment['adversarial_success_rate_test_attacked']:.2f}%)") in md
     assert "target rate" not in md.split("## Downstream")[1].split("##")[0]  # untargeted: no such column
     # every image the Markdown links exists, relative to the report folder
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
@@ -250,3 +253,11 @@ def test_report_flow_writes_the_page_and_its_artifact(prefect_harness, params, t
 
     text = latest_artifact("pipeline-report")
     assert read_manifest(params.paths.poisoned)["hazard"] in text and "![" not in text
+
+
+def test_an_augment_rate_with_nothing_to_count_shows_a_dash(params):
+    path = Path(params.paths.reports) / "augment" / "summary.json"
+    summary = json.loads(path.read_text())
+    path.write_text(json.dumps(summary | {"adversarial_success_rate_test_attacked": None}))  # this test's copy
+    build_report(params)
+    assert "success on the others: -)" in _page(params)

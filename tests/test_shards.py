@@ -283,10 +283,22 @@ def test_a_sample_that_disagrees_with_its_manifest_is_a_shard_error(tmp_path, su
 def test_a_png_past_pils_pixel_limit_is_a_shard_error_not_a_pil_exception(tmp_path, monkeypatch):
     from PIL import Image
 
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # the 5 x 5 images of _samples: past the warning limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # the 5 x 5 images of _samples: past twice the limit
     out = tmp_path / "ds"
     _write(out, {"train": _samples(2)})
     with pytest.raises(ShardError, match=r"train_00000000' does not decode .*regenerate or re-fetch"):
+        list(iter_samples(out, "train", verify=False))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_png_between_pils_pixel_limit_and_twice_it_is_refused_too(tmp_path, monkeypatch):
+    """PIL only warns there (and would decode): the manifest agreeing with the size is no defence, it is untrusted."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # 25 pixels: in PIL's warning-only range
+    out = tmp_path / "ds"
+    _write(out, {"train": _samples(2)})
+    with pytest.raises(ShardError, match=r"train_00000000' is 5 x 5 pixels, past PIL's limit of 20"):
         list(iter_samples(out, "train", verify=False))
 
 

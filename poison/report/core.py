@@ -193,9 +193,9 @@ def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
             f"{pct(aug['victim_clean_test_accuracy'])}, under the semantic attack "
             f"{pct(aug['victim_accuracy_under_sia_test'])}",
             f"attack success: {pct(aug['adversarial_success_rate_train'])} of training images, "
-            f"{pct(aug['adversarial_success_rate_test'])} of test images (counting the "
-            f"{pct(aug['already_successful_test'])} that succeed unattacked, as robust accuracy does; "
-            f"{pct(aug['adversarial_success_rate_test_attacked'])} of the others)",
+            f"{pct(aug['adversarial_success_rate_test'])} of test images ({pct(aug['already_successful_test'])} "
+            "of the test images succeeded before the attack: misclassified, or already the target; success "
+            f"on the others: {pct(aug['adversarial_success_rate_test_attacked'])})",
             f"long-tailed split (imbalance {tail.get('imbalance_ratio')}): class counts {tail.get('class_counts')}, "
             f"filled with {tail.get('variants')} attacked variants ({pct(tail.get('variant_success_rate'))} "
             "of them successful attacks)",
