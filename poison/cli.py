@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from poison.errors import PoisonError
+from poison.errors import PoisonError, ShardError
 
 __all__ = ["main"]
 
@@ -187,6 +187,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from poison.report import save_sample_grid
     from poison.shards import load_split, manifest_sha256, read_manifest
 
+    if Path(args.dir).name == "manifest.json":
+        raise ShardError(f"{args.dir}: pass the dataset folder, not its manifest: "
+                         f"`poison inspect {Path(args.dir).parent}`")
     if Path(args.dir).is_file() or Path(args.dir).suffix == ".pt":
         return _inspect_checkpoint(Path(args.dir))
     m = read_manifest(args.dir)

@@ -8,6 +8,8 @@ what is accepted.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,6 +84,8 @@ class EvaluateConfig:
         check_classifiers(self.archs, "archs")
         if not self.seeds:
             raise ConfigError("seeds: expected at least one integer seed")
+        if any(s < 0 for s in self.seeds):
+            raise ConfigError(f"seeds: expected integers >= 0 (like seed), got {list(self.seeds)}")
         if len(set(self.archs)) != len(self.archs) or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"archs/seeds: expected no repeats, got archs {list(self.archs)}, seeds {list(self.seeds)}")
         _check_threads(self.threads)
@@ -193,8 +197,8 @@ class Params:
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ConfigError(f"seed: expected an integer >= 0, got {self.seed}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {self.device!r}")
         if self.train_generator.target == "ordered_topk":
             # the core pipeline's poison is scored by accuracy or one target label; the list is the topk stage's
             raise ConfigError("train_generator.target: ordered_topk is made and scored by the topk stage (the topk "
@@ -248,6 +252,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .nan / .inf slip past every `x < 0` range check
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -286,12 +292,15 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
     """Return dataclass ``cls`` built from ``data``, validated; errors name the dotted key."""
     where = key or "params.yaml"
     if data is None:
+        if key:  # `section:` with nothing under it would silently mean the class's defaults
+            raise ConfigError(f"{key}: expected a mapping of keys, got nothing (null); give its keys, or remove "
+                              "the line to keep the section's defaults")
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)
     if unknown:
         raise ConfigError(
             f"{(key + '.') if key else ''}{unknown[0]}: unknown key in {where}; "
@@ -316,15 +325,43 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, refusing a key given twice in one mapping (YAML keeps the last, silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # construct_mapping refuses an unhashable key with its own message
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice in one mapping (only one can hold)", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Return the validated ``Params`` of a params.yaml file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file; run from the repository root or pass --params PATH")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it as UTF-8 text ({exc}); save it as UTF-8 YAML") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {exc}; fix the line shown (or restore it: "
+                          "`git checkout params.yaml`)") from exc
+    if data is None:  # an empty or comment-only file would run every section at its class's defaults
+        raise ConfigError(f"{path}: empty; expected the sections of params.yaml (`git checkout params.yaml` "
+                          "restores the project's)")
     try:
         return from_dict(Params, data)
     except ConfigError as exc:

@@ -44,13 +44,21 @@ _SHARD_NAME = re.compile(r"^([a-z0-9]+)-(\d{6})\.tar$")
 
 def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Return the parsed ``manifest.json`` of a dataset folder."""
-    path = Path(dataset_dir) / "manifest.json"
+    folder = Path(dataset_dir)
+    path = folder / "manifest.json"
+    if not folder.is_dir():
+        raise ShardError(f"{folder}: no such dataset folder{' (a file)' if folder.exists() else ''}; check the path "
+                         "(a dataset is a folder with manifest.json), or make it (`dvc repro`) or fetch it (`dvc pull`)")
     if not path.is_file():
         raise ShardError(
-            f"{path}: no manifest; this folder is not a complete dataset (run the stage that "
-            "writes it, e.g. `dvc repro`, or `dvc pull` it)"
+            f"{path}: no manifest{' (a folder of that name)' if path.exists() else ''}; this folder is not a complete "
+            "dataset (run the stage that writes it, e.g. `dvc repro`, or `dvc pull` it)"
         )
-    return parse_manifest(path.read_bytes(), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read ({exc}); check its permissions, or re-fetch the dataset") from exc
+    return parse_manifest(data, str(path))
 
 
 def parse_manifest(data: bytes | str, where: str) -> dict[str, Any]:
@@ -190,9 +198,11 @@ def label_count(manifest: dict[str, Any]) -> int | None:
 
 def check_shard_bytes(data: bytes, rec: dict[str, Any], url: str) -> None:
     """Raise ``ShardError`` naming ``url`` unless ``data`` has the manifest record's size and sha256."""
-    if len(data) != rec.get("bytes") or hashlib.sha256(data).hexdigest() != rec.get("sha256"):
-        raise ShardError(
-            f"{url}: missing, truncated or sha256 differs from the manifest ({len(data)} bytes, manifest says "
-            f"{rec.get('bytes')}); the shard is corrupt or tampered with: regenerate or re-fetch the dataset "
-            "(`poison verify` lists every bad shard)"
-        )
+    fix = "regenerate or re-fetch the dataset (`poison verify` lists every bad shard)"
+    if len(data) != rec.get("bytes"):
+        raise ShardError(f"{url}: {len(data)} bytes, the manifest says {rec.get('bytes')} (missing, truncated or "
+                         f"modified); {fix}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != rec.get("sha256"):
+        raise ShardError(f"{url}: sha256 {digest} does not match the manifest's {rec.get('sha256')} (corrupted or "
+                         f"tampered with, at the same size); {fix}")

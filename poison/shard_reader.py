@@ -134,17 +134,18 @@ def _shard_samples(base: Path, rec: dict[str, Any], shape: tuple[int, int, int],
     """The decoded samples of one shard; with ``verify`` its size and sha256 are checked first."""
     path = shard_path(base, rec)
     url = str(path)
+    missing = ShardError(f"{url}: missing (the manifest lists it with {rec['samples']} samples); re-fetch the dataset "
+                         "(`dvc pull` / `dvc checkout`) or regenerate it (`dvc repro`)")
+    if not path.is_file():
+        raise missing
     try:
         # with verify: read once, check, then parse the same bytes (the file cannot change in between)
         data: Path | bytes = path.read_bytes() if verify else path
     except FileNotFoundError:
-        data = b""  # check_shard_bytes names it missing
+        raise missing from None
     except OSError as exc:
         raise ShardError(f"{url}: cannot read ({exc}); check its permissions, or re-fetch the dataset "
                          "(`dvc pull`)") from exc
-    if not verify and not path.is_file():
-        raise ShardError(f"{url}: missing (the manifest lists it with {rec['samples']} samples); re-fetch the dataset "
-                         "(`dvc pull` / `dvc checkout`) or regenerate it (`dvc repro`)")
     if verify:
         check_shard_bytes(data, rec, url)
     yield from checked_samples(tar_samples(data, url), rec, url, shape, multi_label=multi_label,

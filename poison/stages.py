@@ -107,6 +107,12 @@ def _plot_curve(records: list[dict[str, Any]], path: Path) -> None:
 
 _CHECKPOINT_KEYS = {"generator_arch", "in_channels", "image_size", "num_classes", "eps", "target_map",
                     "state_dict", "config", "source"}
+#: The fields readers use, with their types (a checkpoint is untrusted input, like a shard).
+_CHECKPOINT_TYPES = (("generator_arch", str, "a generator name"), ("in_channels", int, "an integer"),
+                     ("image_size", int, "an integer"), ("num_classes", int, "an integer"),
+                     ("eps", (int, float), "a budget in (0, 1]"), ("target_map", (list, type(None)), "a list or null"),
+                     ("state_dict", dict, "a mapping of tensors"), ("config", dict, "a mapping"),
+                     ("source", dict, "a mapping"))
 
 
 def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -117,12 +123,20 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tupl
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for damaged or unsafe files
-        raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({exc}); rerun train_generator") from exc
+        # only the type: torch's own text can advise weights_only=False, i.e. running the file's code
+        raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({type(exc).__name__}: damaged, or "
+                              "not a generator written by train_generator); rerun train_generator "
+                              "(`dvc repro train_generator`) or re-fetch it (`dvc pull`)") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: expected a checkpoint of format {CHECKPOINT_FORMAT!r}; rerun train_generator")
     missing = sorted(_CHECKPOINT_KEYS - set(ckpt))
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}; rerun train_generator")
+    for key, kinds, expected in _CHECKPOINT_TYPES:
+        value = ckpt[key]
+        if not isinstance(value, kinds) or isinstance(value, bool) or (key == "eps" and not 0 < value <= 1):
+            raise CheckpointError(f"{path}: checkpoint field {key} is {value!r}, expected {expected}; the file is "
+                                  "damaged or not written by train_generator: rerun train_generator")
     try:
         gen = create_generator(ckpt["generator_arch"], ckpt["in_channels"], ckpt["image_size"],
                                num_classes=ckpt["num_classes"])

@@ -161,3 +161,10 @@ def test_verify_a_file_url_and_an_http_prefix_naming_the_bad_shard(clean_dataset
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_inspect_given_a_manifest_file_says_to_pass_its_folder(clean_dataset, tmp_path, capsys):
+    code = main(["inspect", str(clean_dataset / "manifest.json"), "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and "pass the dataset folder, not its manifest" in err and f"poison inspect {clean_dataset}" in err
+    assert not (tmp_path / "g.png").exists()

@@ -200,6 +200,16 @@ def test_wrong_type_seed_from_yaml(tmp_path):
         ({"evaluate": {"archs": []}}, "evaluate.archs"),
         ({"evaluate": {"recipe": {"lr": 0}}}, "evaluate.recipe.lr"),
         ({"evaluate": {"recipe": {"momentum": 1.0}}}, "evaluate.recipe.momentum"),
+        ({"evaluate": {"seeds": [-1, 0]}}, "evaluate.seeds"),
+        ({"device": "cudax"}, "device"),
+        ({"device": "cuda:abc"}, "device"),
+        # not finite: every `x < 0` range check lets nan through, and inf means nothing here
+        ({"evaluate": {"recipe": {"weight_decay": float("nan")}}}, "evaluate.recipe.weight_decay"),
+        ({"train_generator": {"adversarial_weight": float("inf")}}, "train_generator.adversarial_weight"),
+        ({"augment": {"tail": {"imbalance_ratio": float("inf")}}}, "augment.tail.imbalance_ratio"),
+        # a section given as null would silently take its class's defaults, not the documented ones
+        ({"train_generator": None}, "train_generator"),
+        ({"topk": {"generator": None}}, "topk.generator"),
     ],
 )
 def test_out_of_range_names_dotted_key(data, key):
@@ -221,3 +231,24 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("seed: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_cuda_with_an_index_is_a_device():
+    assert from_dict(Params, {"device": "cuda:1"}).device == "cuda:1"
+
+
+def test_unreadable_empty_and_ambiguous_params_files_name_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "params.yaml"
+    cases = [
+        (b"\xff\xfeseed: 0\n", "cannot read it as UTF-8 text.*save it as UTF-8"),
+        (b"", "empty; expected the sections of params.yaml"),
+        (b"# only a comment\n", "empty; expected the sections of params.yaml"),
+        (b"seed: 1\nseed: 2\n", "key 'seed' is given twice"),
+        (b"evaluate:\n  seeds: [0]\n  seeds: [1]\n", "key 'seeds' is given twice"),
+        (b"1: a\nfoo: b\n", "unknown key in params.yaml"),  # keys of mixed types: sorted without a TypeError
+    ]
+    for text, message in cases:
+        path.write_bytes(text)
+        with pytest.raises(ConfigError, match=message) as info:
+            load_params(path)
+        assert str(path) in str(info.value), text

@@ -109,7 +109,7 @@ def test_http_tampered_shard_raises_before_yielding_from_it(http_root):
     data[1000] ^= 0xFF
     shard.write_bytes(bytes(data))
     seen = []
-    with pytest.raises(ShardError, match=r"train-000001\.tar.*sha256 differs"):
+    with pytest.raises(ShardError, match=r"train-000001\.tar: sha256 [0-9a-f]+ does not match .*same size"):
         for item in open_dataset(f"{url}/tampered"):
             seen.append(item)
     assert len(seen) == 100  # all of shard 0, nothing of shard 1

@@ -164,8 +164,14 @@ def test_manifest_records_every_shard(dataset):
 
 
 def test_read_manifest_errors(tmp_path, dataset):
-    with pytest.raises(ShardError, match="no manifest"):
+    with pytest.raises(ShardError, match=r"nowhere: no such dataset folder; check the path"):
         read_manifest(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match=r"empty[/\\]manifest\.json: no manifest; this folder is not a complete"):
+        read_manifest(tmp_path / "empty")
+    (tmp_path / "odd" / "manifest.json").mkdir(parents=True)
+    with pytest.raises(ShardError, match=r"no manifest \(a folder of that name\)"):
+        read_manifest(tmp_path / "odd")
     m = json.loads((dataset / "manifest.json").read_text())
     m["schema_version"] = 99
     (dataset / "manifest.json").write_text(json.dumps(m))

@@ -192,8 +192,23 @@ def test_load_generator_refuses_bad_files(tmp_path):
         stages.load_generator(other)
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"format": stages.CHECKPOINT_FORMAT, "payload": Path("/")}, unsafe)  # needs unpickling
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError, match="weights-only") as err:
         stages.load_generator(unsafe)
+    assert "weights_only=False" not in str(err.value)  # torch's own text advises running the file's code
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("config", [1], "a mapping"), ("source", None, "a mapping"), ("eps", "0.3", r"a budget in \(0, 1\]"),
+    ("eps", 3.0, r"a budget in \(0, 1\]"), ("in_channels", "1", "an integer"), ("target_map", 5, "a list or null"),
+])
+def test_load_generator_refuses_checkpoint_fields_of_the_wrong_type(tmp_path, field, value, expected):
+    good = tmp_path / "good.pt"
+    _foreign_checkpoint(good, 1, 28, "0" * 64)
+    ckpt = torch.load(good, weights_only=True)
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt | {field: value}, bad)
+    with pytest.raises(CheckpointError, match=rf"bad\.pt: checkpoint field {field} is .*expected {expected}.*rerun"):
+        stages.load_generator(bad)
 
 
 # ------------------------------------------------------------------ evaluate
