@@ -6,7 +6,15 @@ recorded in their lock files. Optionally commits the lock files and the reports 
 and tags the commit as a dataset version. A failure leaves the workspace as it was: the
 lock files are put back and ``dvc checkout --force`` restores every output they record
 from the DVC cache, and the reports folder (uncached metrics and plots) is put back from a
-copy taken at the start (params.yaml and code are never touched).
+copy taken at the start (params.yaml and code are never touched). Once ``dvc repro`` has
+succeeded its outputs are consistent with the lock files and are kept: a failed push then
+fails the run without undoing the regeneration.
+
+One run at a time per repository: a run holds an exclusive lock (``.dvc/tmp/regenerate.lock``)
+from start to end, and a DVC command refused because another DVC process holds the
+repository (a hand-run ``dvc repro``) fails the run without rolling anything back, as
+nothing of this run's doing needs undoing. A timeout or cancellation stops the whole stage
+process group DVC started, not only ``dvc``, before anything is restored.
 
     python -m flows.regenerate [--no-pull] [--no-push] [--commit] [--tag v2026.11.24]
 """
@@ -14,8 +22,10 @@ copy taken at the start (params.yaml and code are never touched).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,12 +46,71 @@ from poison.utils import atomic_write_bytes
 LOCK_FILES = ("dvc.lock", "variants/dvc.lock")
 
 
+class RepoBusy(PublishError):
+    """Another DVC process (or regenerate run) holds the repository; this run changed nothing."""
+
+
+def _env() -> dict[str, str]:
+    # DVC runs each stage's `python -m flows.X` through PATH: make it this interpreter's, so a
+    # worker started as `.venv/bin/prefect worker start` (venv not activated) runs the stages in it
+    return os.environ | {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
 def _run(cmd: list[str], cwd: Path, timeout: float = 6 * 3600) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    """Run ``cmd`` in its own process group; on a timeout or any interruption stop the whole group.
+
+    ``dvc repro`` starts each stage as a shell and a Python process of their own: killing only
+    ``dvc`` would leave a stage writing outputs after a rollback.
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        _stop_group(proc)
+        raise
+    name = " ".join(cmd[2:] if cmd[:2] == [sys.executable, "-m"] else cmd)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr + proc.stdout).strip().splitlines()[-12:])
-        raise PublishError(f"{cwd}: `{' '.join(cmd[2:] if cmd[:2] == [sys.executable, '-m'] else cmd)}` failed:\n{tail}")
-    return proc.stdout + proc.stderr
+        tail = "\n".join((stderr + stdout).strip().splitlines()[-12:])
+        if "Unable to acquire lock" in stderr + stdout:
+            raise RepoBusy(f"{cwd}: `{name}` refused: another DVC process holds the repository; nothing was changed "
+                           f"by this run. Run again when it has finished.\n{tail}")
+        raise PublishError(f"{cwd}: `{name}` failed:\n{tail}")
+    return stdout + stderr
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the process group of ``proc``, then SIGKILL it if it has not ended within ``grace`` s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.communicate(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path):
+    """Hold ``.dvc/tmp/regenerate.lock`` for the block; another holder makes it raise ``RepoBusy``."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (the deployment's concurrency limit still holds)
+        yield
+        return
+    path = root / ".dvc" / "tmp" / "regenerate.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RepoBusy(f"{root}: another regenerate run holds {path}; nothing was changed by this run. "
+                           "Run again when it has finished.") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _dvc(*args: str, cwd: Path) -> str:
@@ -64,14 +133,41 @@ def push(repo: Path) -> str:
     return dvc_push(repo)
 
 
+#: What a commit of recorded outputs must be reproducible from: refused while any has uncommitted changes.
+SOURCES = ("params.yaml", "dvc.yaml", "variants/dvc.yaml", "poison", "flows")
+
+
+def _gitignores(repo: Path) -> dict[str, str]:
+    """``git status`` of every .gitignore (DVC adds its outputs to them), by path."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", ":(glob)**/.gitignore"],
+                         cwd=repo, capture_output=True, text=True).stdout
+    return {line[3:]: line[:2] for line in out.splitlines() if line[3:]}
+
+
+def check_committable(repo: Path) -> None:
+    """Refuse ``--commit``/``--tag`` before anything runs if the sources have uncommitted changes.
+
+    The commit records outputs: it must hold the code and params that made them.
+    """
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *SOURCES], cwd=repo, capture_output=True,
+                           text=True).stdout.strip()
+    if dirty:
+        raise PublishError(f"{repo}: --commit/--tag records outputs with the code that made them, but these have "
+                           f"uncommitted changes:\n{dirty}\ncommit or stash them first, or run without --commit")
+
+
 @task(name="git-commit", cache_policy=NO_CACHE)
-def commit(repo: Path, tag: str | None, reports: Path) -> str | None:
-    # reports: params.yaml's paths.reports, committed when it lies inside the repository
+def commit(repo: Path, tag: str | None, reports: Path, gitignores_before: dict[str, str] | None = None) -> str | None:
+    # reports: params.yaml's paths.reports, committed when it lies inside the repository; only these
+    # paths are committed (`git commit -- paths`), whatever else the user had staged
     paths = [lock for lock in LOCK_FILES if (repo / lock).is_file()]
     paths += [reports.relative_to(repo).as_posix()] if reports.is_dir() and reports.is_relative_to(repo) else []
+    before = gitignores_before or {}
+    paths += [p for p, st in _gitignores(repo).items() if before.get(p) != st]  # the ones DVC edited in this run
     _run(["git", "add", "--", *paths], repo)
-    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode != 0:
-        _run(["git", "commit", "-q", "-m", "regenerate: outputs of `dvc repro` recorded in dvc.lock"], repo)
+    if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=repo).returncode != 0:
+        _run(["git", "commit", "-q", "-m", "regenerate: outputs of `dvc repro` recorded in dvc.lock", "--", *paths],
+             repo)
     if tag:
         _run(["git", "tag", tag], repo)
     return _run(["git", "rev-parse", "HEAD"], repo).strip()
@@ -83,6 +179,15 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
     """Bring the datasets up to date with params.yaml and the code, recorded in dvc.lock."""
     log = get_run_logger()
     root = Path(repo).resolve()
+    with _exclusive(root):
+        return _regenerate(log, root, pull_first, push_after, git_commit, tag)
+
+
+def _regenerate(log: Any, root: Path, pull_first: bool, push_after: bool, git_commit: bool,
+                tag: str | None) -> dict[str, Any]:
+    if git_commit or tag:
+        check_committable(root)
+    gitignores = _gitignores(root)
     saved = {lock: (root / lock).read_bytes() for lock in LOCK_FILES if (root / lock).is_file()}
     # DVC deletes a stage's outputs before running it; the cached ones come back with
     # `dvc checkout`, the uncached metrics and plots (cache: false, kept in git) from this copy
@@ -100,14 +205,8 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
             out["pulled"] = True
         log.info("dvc repro in %s", root)
         out["repro"] = [line for line in repro(root).splitlines() if line.startswith(("Running stage", "Stage "))]
-        if push_after:
-            push(root)
-            out["pushed"] = True
-            # every pipeline's outputs went to the remote: its poisons, the augmented set, the generators
-            out["hazards"] = publication_hazards([], True, [root / d for d in (
-                paths.poisoned, paths.augmented, paths.topk_poisoned, paths.multilabel_poisoned)])
-            for note in out["hazards"]:
-                log.warning(note)
+    except RepoBusy:
+        raise  # another DVC process holds the repository: nothing of this run's doing to undo
     except BaseException as exc:
         log.error("regenerate failed: restoring the lock files and the outputs they record")
         for lock in LOCK_FILES:  # a lock file the failed run created is removed
@@ -131,8 +230,22 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
     finally:
         if not keep_backup:
             shutil.rmtree(backup, ignore_errors=True)
+    if push_after:
+        # the outputs are complete and recorded in the lock files: a failed push keeps them
+        try:
+            push(root)
+        except BaseException as exc:
+            exc.add_note(f"the regenerated outputs are kept in {root} (consistent with its lock files); push them "
+                         "with `dvc push` once the remote is reachable")
+            raise
+        out["pushed"] = True
+        # every pipeline's outputs went to the remote: its poisons, the augmented set, the generators
+        out["hazards"] = publication_hazards([], True, [root / d for d in (
+            paths.poisoned, paths.augmented, paths.topk_poisoned, paths.multilabel_poisoned)])
+        for note in out["hazards"]:
+            log.warning(note)
     if git_commit or tag:
-        out["commit"] = commit(root, tag, reports)
+        out["commit"] = commit(root, tag, reports, gitignores)
         out["tag"] = tag
     lines = ["# Regenerated", ""] + [line for note in out["hazards"] for line in (f"**{note}**", "")]
     lines += [f"- repository: `{root}`"]

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     regenerate.serve(name=args.name, cron=args.cron, parameters=parameters,
                      description="`dvc pull -> dvc repro --all-pipelines -> dvc push` on a schedule (python -m flows.serve)",
                      tags=["poison", "regenerate", "serve"],
+                     limit=1,  # one regeneration at a time (a run also locks the repository itself)
                      # imported as flows.regenerate: run as a file, flows/poison.py would shadow `poison`
                      entrypoint_type=EntrypointType.MODULE_PATH)
     return 0

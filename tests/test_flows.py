@@ -169,3 +169,144 @@ def test_regenerate_commits_the_reports_folder_params_names(tmp_path, monkeypatc
     files = subprocess.run(["git", "show", "--name-only", "--format=", head], cwd=repo, capture_output=True,
                            text=True, check=True).stdout.split()
     assert sorted(files) == ["dvc.lock", "out/reports/evaluate/metrics.json"]
+
+
+# ------------------------------------------------------------- regenerate: one run at a time, no orphans
+def _git_repo(path: Path, monkeypatch) -> Path:
+    import subprocess
+
+    for var in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(var, "test@example.invalid" if var.endswith("EMAIL") else "test")
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    (path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (path / "dvc.lock").write_text("schema: '2.0'\nbefore: 1\n")
+    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "init"], cwd=path, check=True)
+    return path
+
+
+def test_regenerate_stops_the_whole_process_group_on_a_timeout(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from flows.regenerate import _run
+
+    pid_file = tmp_path / "grandchild.pid"
+    # like `dvc repro`: the process we start starts another (a stage) that would outlive it
+    script = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+              "'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(120)', "
+              f"{str(pid_file)!r}]); time.sleep(120)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        _run([sys.executable, "-c", script], tmp_path, timeout=3)
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # reparented to init, which reaps it
+        status = Path(f"/proc/{pid}/status")
+        if not status.exists() or "\nState:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the stage process {pid} outlived the timeout")
+
+
+def test_regenerate_names_a_repository_held_by_another_dvc_process(tmp_path):
+    import sys
+
+    from flows.regenerate import RepoBusy, _run
+
+    script = "import sys; print('ERROR: Unable to acquire lock. Most likely another DVC process is running'); sys.exit(1)"
+    with pytest.raises(RepoBusy, match="another DVC process holds the repository; nothing was changed"):
+        _run([sys.executable, "-c", script], tmp_path)
+
+
+def test_regenerate_runs_one_at_a_time_per_repository(tmp_path):
+    from flows.regenerate import RepoBusy, _exclusive
+
+    with _exclusive(tmp_path):
+        with pytest.raises(RepoBusy, match="another regenerate run holds .*regenerate.lock"):
+            with _exclusive(tmp_path):
+                pass
+    with _exclusive(tmp_path):  # released
+        pass
+
+
+def _fake_flow(monkeypatch, repo: Path, pull=None, repro=None, push=None):
+    import logging
+
+    import flows.regenerate as regen
+
+    def _repro(root):
+        (root / "dvc.lock").write_text("schema: '2.0'\nafter: 1\n")
+        (root / "reports" / "evaluate").mkdir(parents=True, exist_ok=True)
+        (root / "reports" / "evaluate" / "metrics.json").write_text('{"new": 1}')
+        return "Running stage 'prepare':\n"
+
+    monkeypatch.setattr(regen, "get_run_logger", lambda: logging.getLogger("regenerate-test"))
+    monkeypatch.setattr(regen, "pull", pull or (lambda root: ""))
+    monkeypatch.setattr(regen, "repro", repro or _repro)
+    monkeypatch.setattr(regen, "push", push or (lambda root: ""))
+    monkeypatch.setattr(regen, "create_markdown_artifact", lambda **kw: None)
+    monkeypatch.setattr(regen, "commit", getattr(regen.commit, "fn", regen.commit))  # the task's body, without a Prefect server
+    return regen
+
+
+def test_a_failed_push_keeps_the_regenerated_outputs(tmp_path, monkeypatch):
+    from poison.publish import PublishError
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+
+    def push(root):
+        raise PublishError("remote unreachable")
+
+    regen = _fake_flow(monkeypatch, repo, push=push)
+    with pytest.raises(PublishError, match="remote unreachable") as info:
+        regen.regenerate.fn(repo=str(repo), pull_first=False)
+    assert "outputs are kept" in "\n".join(getattr(info.value, "__notes__", []))
+    assert "after: 1" in (repo / "dvc.lock").read_text()  # not rolled back: complete and recorded
+    assert (repo / "reports" / "evaluate" / "metrics.json").read_text() == '{"new": 1}'
+
+
+def test_a_busy_repository_is_not_rolled_back(tmp_path, monkeypatch):
+    from flows.regenerate import RepoBusy
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+
+    def pull(root):
+        (root / "dvc.lock").write_text("schema: '2.0'\nthe other run: 1\n")  # what the other DVC process wrote
+        raise RepoBusy("busy")
+
+    regen = _fake_flow(monkeypatch, repo, pull=pull)
+    with pytest.raises(RepoBusy):
+        regen.regenerate.fn(repo=str(repo))
+    assert "the other run: 1" in (repo / "dvc.lock").read_text()  # the other run's lock file left alone
+
+
+def test_regenerate_commit_refuses_uncommitted_sources_and_commits_only_its_paths(tmp_path, monkeypatch):
+    import subprocess
+
+    from poison.publish import PublishError
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text() + "\n# edited\n")
+    regen = _fake_flow(monkeypatch, repo)
+    with pytest.raises(PublishError, match="uncommitted changes:\n.*params.yaml"):
+        regen.regenerate.fn(repo=str(repo), pull_first=False, push_after=False, git_commit=True)
+    assert "before: 1" in (repo / "dvc.lock").read_text()  # refused before anything ran
+    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=repo, check=True)
+    (repo / "notes.txt").write_text("the user's own work")
+    subprocess.run(["git", "add", "notes.txt"], cwd=repo, check=True)  # staged by the user, not ours to commit
+
+    def repro(root):
+        (root / "dvc.lock").write_text("schema: '2.0'\nafter: 1\n")
+        (root / "data").mkdir(exist_ok=True)
+        (root / "data" / ".gitignore").write_text("/shards\n")  # as DVC adds its outputs
+        return ""
+
+    regen = _fake_flow(monkeypatch, repo, repro=repro)
+    out = regen.regenerate.fn(repo=str(repo), pull_first=False, push_after=False, git_commit=True)
+    files = subprocess.run(["git", "show", "--name-only", "--format=", out["commit"]], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert sorted(files) == ["data/.gitignore", "dvc.lock"]
+    staged = subprocess.run(["git", "diff", "--cached", "--name-only"], cwd=repo, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert staged == ["notes.txt"]
