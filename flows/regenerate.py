@@ -13,8 +13,8 @@ fails the run without undoing the regeneration.
 One run at a time per repository: a run holds an exclusive lock (``.dvc/tmp/regenerate.lock``)
 from start to end, and a DVC command refused because another DVC process holds the
 repository (a hand-run ``dvc repro``) fails the run without rolling anything back, as
-nothing of this run's doing needs undoing. A timeout or cancellation stops the whole stage
-process group DVC started, not only ``dvc``, before anything is restored.
+nothing of this run's doing needs undoing. A timeout or cancellation stops every process
+``dvc`` started (the stages), not only ``dvc``, before anything is restored.
 
     python -m flows.regenerate [--no-pull] [--no-push] [--commit] [--tag v2026.11.24]
 """
@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +58,18 @@ def _env() -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 6 * 3600) -> str:
-    """Run ``cmd`` in its own process group; on a timeout or any interruption stop the whole group.
+    """Run ``cmd``; on a timeout or any interruption stop it and every process it started.
 
     ``dvc repro`` starts each stage as a shell and a Python process of their own: killing only
-    ``dvc`` would leave a stage writing outputs after a rollback.
+    ``dvc`` would leave a stage writing outputs after a rollback. The command stays in this
+    process's group, so a worker cancelling the flow run (it signals the whole group) reaches
+    the stages too.
     """
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except BaseException:
-        _stop_group(proc)
+        _stop_tree(proc)
         raise
     name = " ".join(cmd[2:] if cmd[:2] == [sys.executable, "-m"] else cmd)
     if proc.returncode != 0:
@@ -79,16 +81,36 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 6 * 3600) -> str:
     return stdout + stderr
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the process group of ``proc``, then SIGKILL it if it has not ended within ``grace`` s."""
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs, from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stop_tree(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM ``proc`` and its descendants, then SIGKILL what is left after ``grace`` s."""
+    pids = [proc.pid, *_descendants(proc.pid)]  # before any dies: orphans are re-parented
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
         try:
             proc.communicate(timeout=grace)
-            return
         except subprocess.TimeoutExpired:
             continue
+        if sig == signal.SIGTERM:
+            time.sleep(0.5)  # the stages' own exits after dvc's
 
 
 @contextlib.contextmanager
