@@ -133,6 +133,7 @@ def main(flow: Callable[..., Any], argv: list[str] | None = None, *,
             load_params(args.params)  # a bad params file is reported plainly, without a flow run
         flow(**kwargs)
     except PoisonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))  # e.g. what a failed push kept
+        print(f"error: {exc}{notes}", file=sys.stderr)
         return 1
     return 0

@@ -30,7 +30,8 @@ def cell_key(_context: Any, parameters: dict[str, Any]) -> str:
         "cell": parameters["cell"],
         "manifests": parameters["plan"]["manifest_sha256"],
         "recipe": to_dict(params.evaluate.recipe),
-        "threads": params.evaluate.threads,
+        # null (torch's default) keys the count it means on this host: CPU sums split by thread
+        "threads": params.evaluate.threads if params.evaluate.threads is not None else torch.get_num_threads(),
         "device": str(resolve_device(params.device)),
         "code": code_fingerprint(),
         "torch": torch.__version__,

@@ -5,7 +5,8 @@ Reproduces every pipeline of the repository (``dvc repro --all-pipelines``: the 
 recorded in their lock files. Optionally commits the lock files and the reports with git
 and tags the commit as a dataset version. A failure leaves the workspace as it was: the
 lock files are put back and ``dvc checkout --force`` restores every output they record
-from the DVC cache, and the reports folder (uncached metrics and plots) is put back from a
+from the DVC cache (a pipeline that had no lock file loses the one the failed run started
+and the outputs it records), and the reports folder (uncached metrics and plots) is put back from a
 copy taken at the start (params.yaml and code are never touched). Once ``dvc repro`` has
 succeeded its outputs are consistent with the lock files and are kept: a failed push then
 fails the run without undoing the regeneration.
@@ -25,14 +26,13 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
@@ -40,11 +40,52 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import main
 from poison.config import load_params
 from poison.publish import PublishError, dvc_push, publication_hazards
-from poison.utils import atomic_write_bytes
+from poison.utils import atomic_write_bytes, run_command
 
 
-# the lock files of the repository's pipelines (dvc.yaml, variants/dvc.yaml)
-LOCK_FILES = ("dvc.lock", "variants/dvc.lock")
+def pipelines(root: Path) -> list[str]:
+    """Every ``dvc.yaml`` that ``dvc repro --all-pipelines`` runs (here: dvc.yaml, variants/dvc.yaml),
+    relative to ``root``; dot-folders (.dvc, .git, virtual environments) are skipped."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "dvc.yaml" in files:
+            found.append(Path(folder, "dvc.yaml").relative_to(root).as_posix())
+    return found
+
+
+def lock_files(root: Path) -> list[str]:
+    """The lock file of every pipeline (beside its dvc.yaml), whether or not it exists yet."""
+    return [str(Path(p).with_name("dvc.lock").as_posix()) for p in pipelines(root)]
+
+
+def _recorded_outputs(root: Path, lock: str) -> list[Path]:
+    """The outputs ``lock`` records, resolved against each stage's ``wdir`` (from its dvc.yaml);
+    only paths inside ``root``. A lock file that cannot be read records none."""
+    folder = (root / lock).parent
+    try:
+        stages = (yaml.safe_load((root / lock).read_text()) or {}).get("stages") or {}
+        specs = (yaml.safe_load((folder / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        return []
+    found = []
+    for name, stage in stages.items() if isinstance(stages, dict) else ():
+        spec = specs.get(str(name).split("@")[0]) if isinstance(specs, dict) else None
+        wdir = folder / ((spec.get("wdir") if isinstance(spec, dict) else None) or ".")
+        outs = stage.get("outs") if isinstance(stage, dict) else None
+        for out in outs if isinstance(outs, list) else ():
+            if isinstance(out, dict) and isinstance(out.get("path"), str):
+                path = (wdir / out["path"]).resolve()
+                if path.is_relative_to(root.resolve()) and path != root.resolve():
+                    found.append(path)
+    return found
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class RepoBusy(PublishError):
@@ -61,16 +102,10 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 6 * 3600) -> str:
     """Run ``cmd``; on a timeout or any interruption stop it and every process it started.
 
     ``dvc repro`` starts each stage as a shell and a Python process of their own: killing only
-    ``dvc`` would leave a stage writing outputs after a rollback. The command stays in this
-    process's group, so a worker cancelling the flow run (it signals the whole group) reaches
-    the stages too.
+    ``dvc`` would leave a stage writing outputs after a rollback (``poison.utils.run_command``).
     """
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except BaseException:
-        _stop_tree(proc)
-        raise
+    proc = run_command(cmd, cwd, timeout=timeout, env=_env())
+    stdout, stderr = proc.stdout, proc.stderr
     name = " ".join(cmd[2:] if cmd[:2] == [sys.executable, "-m"] else cmd)
     if proc.returncode != 0:
         tail = "\n".join((stderr + stdout).strip().splitlines()[-12:])
@@ -79,38 +114,6 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 6 * 3600) -> str:
                            f"by this run. Run again when it has finished.\n{tail}")
         raise PublishError(f"{cwd}: `{name}` failed:\n{tail}")
     return stdout + stderr
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes ``pid`` started, and theirs, from /proc (empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue  # ended meanwhile
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _stop_tree(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM ``proc`` and its descendants, then SIGKILL what is left after ``grace`` s."""
-    pids = [proc.pid, *_descendants(proc.pid)]  # before any dies: orphans are re-parented
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        try:
-            proc.communicate(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-        if sig == signal.SIGTERM:
-            time.sleep(0.5)  # the stages' own exits after dvc's
 
 
 @contextlib.contextmanager
@@ -155,8 +158,9 @@ def push(repo: Path) -> str:
     return dvc_push(repo)
 
 
-#: What a commit of recorded outputs must be reproducible from: refused while any has uncommitted changes.
-SOURCES = ("params.yaml", "dvc.yaml", "variants/dvc.yaml", "poison", "flows")
+#: What a commit of recorded outputs must be reproducible from, with every pipeline's dvc.yaml:
+#: refused while any has uncommitted changes.
+SOURCES = ("params.yaml", "poison", "flows")
 
 
 def _gitignores(repo: Path) -> dict[str, str]:
@@ -171,7 +175,7 @@ def check_committable(repo: Path) -> None:
 
     The commit records outputs: it must hold the code and params that made them.
     """
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", *SOURCES], cwd=repo, capture_output=True,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *SOURCES, *pipelines(repo)], cwd=repo, capture_output=True,
                            text=True).stdout.strip()
     if dirty:
         raise PublishError(f"{repo}: --commit/--tag records outputs with the code that made them, but these have "
@@ -182,7 +186,7 @@ def check_committable(repo: Path) -> None:
 def commit(repo: Path, tag: str | None, reports: Path, gitignores_before: dict[str, str] | None = None) -> str | None:
     # reports: params.yaml's paths.reports, committed when it lies inside the repository; only these
     # paths are committed (`git commit -- paths`), whatever else the user had staged
-    paths = [lock for lock in LOCK_FILES if (repo / lock).is_file()]
+    paths = [lock for lock in lock_files(repo) if (repo / lock).is_file()]
     paths += [reports.relative_to(repo).as_posix()] if reports.is_dir() and reports.is_relative_to(repo) else []
     before = gitignores_before or {}
     paths += [p for p, st in _gitignores(repo).items() if before.get(p) != st]  # the ones DVC edited in this run
@@ -210,7 +214,8 @@ def _regenerate(log: Any, root: Path, pull_first: bool, push_after: bool, git_co
     if git_commit or tag:
         check_committable(root)
     gitignores = _gitignores(root)
-    saved = {lock: (root / lock).read_bytes() for lock in LOCK_FILES if (root / lock).is_file()}
+    locks = lock_files(root)
+    saved = {lock: (root / lock).read_bytes() for lock in locks if (root / lock).is_file()}
     # DVC deletes a stage's outputs before running it; the cached ones come back with
     # `dvc checkout`, the uncached metrics and plots (cache: false, kept in git) from this copy
     paths = load_params(root / "params.yaml").paths
@@ -231,11 +236,16 @@ def _regenerate(log: Any, root: Path, pull_first: bool, push_after: bool, git_co
         raise  # another DVC process holds the repository: nothing of this run's doing to undo
     except BaseException as exc:
         log.error("regenerate failed: restoring the lock files and the outputs they record")
-        for lock in LOCK_FILES:  # a lock file the failed run created is removed
+        for lock in locks:
             if lock in saved:
                 atomic_write_bytes(root / lock, saved[lock])
-            else:
-                (root / lock).unlink(missing_ok=True)
+            elif (root / lock).is_file():
+                # a pipeline that had no lock file: the failed run's stages recorded their outputs in
+                # a new one; those outputs go with it (DVC had removed any earlier ones before running
+                # each stage, and keeps these in its cache), the uncached reports come back below
+                for path in _recorded_outputs(root, lock):
+                    _remove(path)
+                (root / lock).unlink()
         if saved:
             rc = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force"], cwd=root,
                                 capture_output=True).returncode

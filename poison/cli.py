@@ -193,24 +193,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if Path(args.dir).is_file() or Path(args.dir).suffix == ".pt":
         return _inspect_checkpoint(Path(args.dir))
     m = read_manifest(args.dir)
+    # read (and verify) the shards before printing: a damaged dataset prints its error only
+    split = "train" if "train" in m["splits"] else next(iter(m["splits"]))
+    images, labels, metas = load_split(args.dir, split)
+    clean_images, note = None, None
+    clean_dir = args.clean or (m.get("source") or {}).get("path")
+    if m["kind"] != "clean" and clean_dir:
+        if not Path(clean_dir, "manifest.json").is_file():
+            note = f"  (clean source {clean_dir} not found; pass --clean DIR for perturbation columns)"
+        elif manifest_sha256(clean_dir) != m["source"]["manifest_sha256"]:
+            raise PoisonError(f"--clean {clean_dir}: its manifest sha256 differs from the one {args.dir} was made from")
+        else:
+            clean_images = _clean_counterparts(clean_dir, split, metas, args.dir)
     budget = m.get("budget") or {}
     if m.get("hazard"):
         print(m["hazard"])
     print(f"dataset: {m['dataset']}  kind: {m['kind']}  method: {m.get('method')}  "
           f"norm: {budget.get('norm')}  eps: {budget.get('eps')}  seed: {m['seed']}")
-    for split, info in m["splits"].items():
-        print(f"  {split}: {info['samples']} samples; per class {info['class_counts']}")
-    split = "train" if "train" in m["splits"] else next(iter(m["splits"]))
-    images, labels, metas = load_split(args.dir, split)
-    clean_images = None
-    clean_dir = args.clean or (m.get("source") or {}).get("path")
-    if m["kind"] != "clean" and clean_dir:
-        if not Path(clean_dir, "manifest.json").is_file():
-            print(f"  (clean source {clean_dir} not found; pass --clean DIR for perturbation columns)")
-        elif manifest_sha256(clean_dir) != m["source"]["manifest_sha256"]:
-            raise PoisonError(f"--clean {clean_dir}: its manifest sha256 differs from the one {args.dir} was made from")
-        else:
-            clean_images = _clean_counterparts(clean_dir, split, metas, args.dir)
+    for name, info in m["splits"].items():
+        print(f"  {name}: {info['samples']} samples; per class {info['class_counts']}")
+    if note:
+        print(note)
     out = Path(args.out or f"{m['dataset']}-inspect.png")
     save_sample_grid(images, labels, clean_images, m["classes"], out, m)
     print(f"  grid: {out}")

@@ -35,7 +35,7 @@ from poison.errors import ShardError
 from poison.card import AUGMENTED, GENERATOR_HAZARD, HAZARD, dataset_card
 from poison.manifest import check_shard_bytes, parse_manifest, read_manifest, shard_name, verify_dataset
 from poison.stores import LocalStore, Store, open_store
-from poison.utils import canonical_json, remove_stale_folders, sha256_bytes, sha256_file, swap_in_folder
+from poison.utils import canonical_json, remove_stale_folders, run_command, sha256_bytes, sha256_file, swap_in_folder
 
 __all__ = ["publish", "verify_all", "evaluate_metrics", "publish_dataset", "wids_index", "card_metrics", "dvc_push", "PublishError", "default_version",
            "publication_hazards", "pipeline_datasets"]
@@ -218,8 +218,8 @@ def dvc_push(repo: str | os.PathLike[str] = ".", *, remote: str | None = None,
     dvc = [sys.executable, "-m", "dvc"]
 
     def run(args: list[str]) -> subprocess.CompletedProcess:
-        try:
-            return subprocess.run(dvc + args, cwd=repo, capture_output=True, text=True, timeout=timeout)
+        try:  # a timeout stops dvc and every process it started (poison.utils.run_command)
+            return run_command(dvc + args, repo, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise PublishError(f"{repo}: `dvc {' '.join(args)}` took longer than {timeout:.0f} s; check the remote") from None
 

@@ -21,6 +21,7 @@ Stages and what they write (paths from the ``paths`` section of params.yaml):
 from __future__ import annotations
 
 import logging
+import reprlib
 import shutil
 import threading
 from pathlib import Path
@@ -39,7 +40,7 @@ from poison.models import create_generator
 from poison.shards import (SplitSamples, finish_dataset, load_range, load_split, manifest_sha256, open_staging,
                            read_manifest, sample_key, shard_file, write_dataset, write_shard)
 from poison.variants import compose, fit_generator, multilabel, report_dir, save_checkpoint, topk
-from poison.utils import (atomic_path, atomic_write_json, make_generator, resolve_device, sha256_file,
+from poison.utils import (GLOBAL_RNG_LOCK, atomic_path, atomic_write_json, make_generator, resolve_device, sha256_file,
                           torch_threads)
 
 __all__ = ["prepare", "train_generator", "poison", "evaluate", "report", "load_generator", "STAGES", "CHECKPOINT_FORMAT",
@@ -135,11 +136,14 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tupl
     for key, kinds, expected in _CHECKPOINT_TYPES:
         value = ckpt[key]
         if not isinstance(value, kinds) or isinstance(value, bool) or (key == "eps" and not 0 < value <= 1):
-            raise CheckpointError(f"{path}: checkpoint field {key} is {value!r}, expected {expected}; the file is "
+            raise CheckpointError(f"{path}: checkpoint field {key} is {reprlib.repr(value)}, expected {expected}; the file is "
                                   "damaged or not written by train_generator: rerun train_generator")
     try:
-        gen = create_generator(ckpt["generator_arch"], ckpt["in_channels"], ckpt["image_size"],
-                               num_classes=ckpt["num_classes"])
+        # building draws an initialisation from torch's global generator: under the lock, and put
+        # back, so a model another thread is seeding meanwhile gets its own draws (the weights are replaced)
+        with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+            gen = create_generator(ckpt["generator_arch"], ckpt["in_channels"], ckpt["image_size"],
+                                   num_classes=ckpt["num_classes"])
         gen.load_state_dict(ckpt["state_dict"])
     except (PoisonError, RuntimeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: its weights do not fit generator {ckpt['generator_arch']!r} ({exc}); "

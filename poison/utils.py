@@ -7,9 +7,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +39,7 @@ __all__ = [
     "sha256_file",
     "sha256_bytes",
     "git_revision",
+    "run_command",
     "canonical_json",
     "torch_threads",
     "GLOBAL_RNG_LOCK",
@@ -240,6 +243,59 @@ def git_revision(cwd: str | os.PathLike[str] | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (rev + "-dirty" if dirty else rev) or None
+
+
+def run_command(cmd: list[str], cwd: str | os.PathLike[str] | None = None, *, timeout: float | None = None,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` capturing its output; on a timeout or any interruption stop it and every
+    process it started, then re-raise (``subprocess.TimeoutExpired`` on a timeout).
+
+    ``subprocess.run`` kills only the process it started: a ``dvc repro`` or ``dvc push``
+    killed that way leaves its stage or transfer processes running. The command stays in
+    this process's group, so a signal to the whole group (a Prefect worker cancelling a flow
+    run) reaches them too.
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        stop_process_tree(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def process_descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs, from /proc (empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_process_tree(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM ``proc`` and its descendants, then SIGKILL what is left after ``grace`` s."""
+    pids = [proc.pid, *process_descendants(proc.pid)]  # before any dies: orphans are re-parented
+    for sig in (signal.SIGTERM, getattr(signal, "SIGKILL", signal.SIGTERM)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            time.sleep(0.5)  # the children's own exits after the parent's; SIGKILL what is left
 
 
 #: Held while code reseeds torch's global CPU generator (under ``fork_rng``) to build a

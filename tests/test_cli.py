@@ -168,3 +168,15 @@ def test_inspect_given_a_manifest_file_says_to_pass_its_folder(clean_dataset, tm
     err = capsys.readouterr().err
     assert code == 1 and "pass the dataset folder, not its manifest" in err and f"poison inspect {clean_dataset}" in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_inspect_of_a_damaged_dataset_prints_only_the_error(clean_dataset, tmp_path, capsys):
+    # no header that reads as a good dataset above the error
+    damaged = tmp_path / "damaged"
+    shutil.copytree(clean_dataset, damaged)
+    shard = sorted(damaged.glob("train-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    code = main(["inspect", str(damaged), "--out", str(tmp_path / "g.png")])
+    captured = capsys.readouterr()
+    assert code == 1 and shard.name in captured.err
+    assert captured.out == "" and not (tmp_path / "g.png").exists()

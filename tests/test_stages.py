@@ -211,6 +211,28 @@ def test_load_generator_refuses_checkpoint_fields_of_the_wrong_type(tmp_path, fi
         stages.load_generator(bad)
 
 
+def test_load_generator_names_a_huge_wrong_field_briefly(tmp_path):
+    good = tmp_path / "good.pt"
+    _foreign_checkpoint(good, 1, 28, "0" * 64)
+    bad = tmp_path / "bad.pt"
+    torch.save(torch.load(good, weights_only=True) | {"config": list(range(100_000))}, bad)
+    with pytest.raises(CheckpointError, match="checkpoint field config is") as err:
+        stages.load_generator(bad)
+    assert len(str(err.value)) < 500
+
+
+def test_load_generator_leaves_the_global_random_stream_alone(tmp_path):
+    # building the model draws an initialisation: a thread seeding its own model meanwhile
+    # (train's fork_rng blocks) must not see those draws
+    path = tmp_path / "good.pt"
+    _foreign_checkpoint(path, 1, 28, "0" * 64)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    stages.load_generator(path)
+    assert torch.equal(torch.rand(3), expected)
+
+
 # ------------------------------------------------------------------ evaluate
 def test_evaluate_writes_metrics(evaluated, session_params):
     metrics, result = evaluated["metrics"], evaluated["result"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,29 @@ def test_cpu_has_bfloat16_reads_the_instruction_flags(tmp_path, text, expected):
     cpuinfo.write_text(text)
     assert cpu_has_bfloat16(cpuinfo) is expected
     assert cpu_has_bfloat16(tmp_path / "missing") is None  # not Linux: unknown
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the children through /proc")
+def test_run_command_stops_every_process_the_command_started_on_a_timeout(tmp_path):
+    # regenerate's `dvc repro` and publish's `dvc push` run through it
+    import subprocess
+    import sys
+    import time
+
+    from poison.utils import run_command
+
+    pid_file = tmp_path / "grandchild.pid"
+    # like `dvc repro`: the process we start starts another (a stage) that would outlive it
+    script = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+              "'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(120)', "
+              f"{str(pid_file)!r}]); time.sleep(120)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_command([sys.executable, "-c", script], tmp_path, timeout=3)
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # reparented to init, which reaps it
+        status = Path(f"/proc/{pid}/status")
+        if not status.exists() or "\nState:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the stage process {pid} outlived the timeout")
