@@ -200,6 +200,9 @@ def test_attack_metrics_without_successes():
                      l2=torch.zeros(2), linf=torch.zeros(2), c=torch.full((2,), float("nan")))
     assert T.attack_metrics(res) == {"success_rate": 0.0, "mean_l2": None, "mean_linf": None,
                                      "count": 2, "successes": 0}
+    empty = T.CWResult(images=torch.zeros(0, 1, 2, 2), success=torch.zeros(0, dtype=torch.bool),
+                       l2=torch.zeros(0), linf=torch.zeros(0), c=torch.zeros(0))
+    assert T.attack_metrics(empty)["success_rate"] is None  # nothing attacked is not a measured 0%
 
 
 def test_ad_attack_checks_the_similarity_choice_and_target_shape():
@@ -209,6 +212,8 @@ def test_ad_attack_checks_the_similarity_choice_and_target_shape():
         T.ad_attack(model, x, targets, T.TopKConfig())
     with pytest.raises(ConfigError, match="similarity: 'none'"):
         T.ad_attack(model, x, targets, T.TopKConfig(similarity="none"), similarity=_sim())
+    with pytest.raises(ConfigError, match=r"similarity: expected a \(6, 6\) matrix .* got \(10, 10\)"):
+        T.ad_attack(model, x, targets, T.TopKConfig(), similarity=_sim(10))
     with pytest.raises(ValueError, match=r"targets: expected shape \(2, 2\)"):
         T.cwk_attack(model, x, targets, T.TopKConfig(k=2))
     with pytest.raises(ValueError, match="targets: expected k distinct"):

@@ -311,7 +311,11 @@ def ad_attack(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: Top
     if cfg.similarity == "none" and similarity is not None:
         raise ConfigError("similarity: 'none' (knowledge-free) but a similarity matrix was passed; "
                           "drop it or set similarity: data")
-    num_classes = similarity.shape[0] if similarity is not None else _num_classes(model, x)
+    num_classes = _num_classes(model, x)
+    if similarity is not None and tuple(similarity.shape) != (num_classes, num_classes):
+        raise ConfigError(f"similarity: expected a ({num_classes}, {num_classes}) matrix for a model of "
+                          f"{num_classes} classes, got {tuple(similarity.shape)}; compute it with "
+                          "class_similarity(model, images, labels, num_classes) for this model")
     dist = target_distribution(targets.to(x.device), similarity, cfg.alpha, cfg.beta, num_classes=num_classes)
     return cw_search(model, x, ad_loss(dist), lambda z: topk_success(z, targets), cfg.search())
 
@@ -327,12 +331,12 @@ def cwk_attack(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: To
 
 
 def attack_metrics(result: CWResult) -> dict:
-    """JSON-ready summary: success_rate, mean_l2 and mean_linf over successes (None if none),
-    count (samples attacked) and successes."""
+    """JSON-ready summary: success_rate (None if nothing was attacked), mean_l2 and mean_linf
+    over successes (None if none), count (samples attacked) and successes."""
     ok = result.success.cpu()
     count, hits = int(ok.numel()), int(ok.sum())
     return {
-        "success_rate": hits / count if count else 0.0,
+        "success_rate": hits / count if count else None,
         "mean_l2": float(result.l2.cpu()[ok].double().mean()) if hits else None,
         "mean_linf": float(result.linf.cpu()[ok].double().mean()) if hits else None,
         "count": count,
