@@ -45,9 +45,13 @@ from poison.utils import atomic_write_bytes, run_command
 
 def pipelines(root: Path) -> list[str]:
     """Every ``dvc.yaml`` that ``dvc repro --all-pipelines`` runs (here: dvc.yaml, variants/dvc.yaml),
-    relative to ``root``; dot-folders (.dvc, .git, virtual environments) are skipped."""
+    relative to ``root``. Like DVC, it skips dot-folders (.dvc, .git, virtual environments) and
+    nested DVC repositories (a folder with a ``.dvc`` of its own, e.g. a scratch clone)."""
     found = []
     for folder, dirs, files in os.walk(root):
+        if Path(folder) != Path(root) and ".dvc" in dirs:
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         if "dvc.yaml" in files:
             found.append(Path(folder, "dvc.yaml").relative_to(root).as_posix())
@@ -75,8 +79,11 @@ def _recorded_outputs(root: Path, lock: str) -> list[Path]:
         outs = stage.get("outs") if isinstance(stage, dict) else None
         for out in outs if isinstance(outs, list) else ():
             if isinstance(out, dict) and isinstance(out.get("path"), str):
-                path = (wdir / out["path"]).resolve()
-                if path.is_relative_to(root.resolve()) and path != root.resolve():
+                # normalised, not resolved: with `cache.type symlink` an output is a link into the
+                # DVC cache, and the link is what goes, never the cached file it points to
+                path = Path(os.path.normpath(os.path.abspath(wdir / out["path"])))
+                top = Path(os.path.normpath(os.path.abspath(root)))
+                if path.is_relative_to(top) and path != top:
                     found.append(path)
     return found
 
@@ -104,9 +111,13 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 6 * 3600) -> str:
     ``dvc repro`` starts each stage as a shell and a Python process of their own: killing only
     ``dvc`` would leave a stage writing outputs after a rollback (``poison.utils.run_command``).
     """
-    proc = run_command(cmd, cwd, timeout=timeout, env=_env())
-    stdout, stderr = proc.stdout, proc.stderr
     name = " ".join(cmd[2:] if cmd[:2] == [sys.executable, "-m"] else cmd)
+    try:
+        proc = run_command(cmd, cwd, timeout=timeout, env=_env())
+    except subprocess.TimeoutExpired:
+        raise PublishError(f"{cwd}: `{name}` took longer than {timeout:.0f} s and was stopped, with every process "
+                           "it started") from None
+    stdout, stderr = proc.stdout, proc.stderr
     if proc.returncode != 0:
         tail = "\n".join((stderr + stdout).strip().splitlines()[-12:])
         if "Unable to acquire lock" in stderr + stdout:
@@ -175,18 +186,36 @@ def check_committable(repo: Path) -> None:
 
     The commit records outputs: it must hold the code and params that made them.
     """
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", *SOURCES, *pipelines(repo)], cwd=repo, capture_output=True,
-                           text=True).stdout.strip()
+    # the .gitignore files too: the commit adds the entries DVC writes there, and only those
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *SOURCES, *pipelines(repo),
+                            ":(glob)**/.gitignore"], cwd=repo, capture_output=True, text=True).stdout.strip()
     if dirty:
         raise PublishError(f"{repo}: --commit/--tag records outputs with the code that made them, but these have "
                            f"uncommitted changes:\n{dirty}\ncommit or stash them first, or run without --commit")
+
+
+def check_tag(repo: Path, tag: str) -> None:
+    """Refuse a tag git would refuse, or one that exists, before anything runs."""
+    valid = not tag.startswith("-") and subprocess.run(
+        ["git", "check-ref-format", f"refs/tags/{tag}"], cwd=repo, capture_output=True).returncode == 0
+    if not valid:
+        raise PublishError(f"--tag {tag!r}: not a valid git tag name (see `git check-ref-format`); choose another, "
+                           "e.g. v2026.11.24; nothing was run")
+    if subprocess.run(["git", "rev-parse", "-q", "--verify", f"refs/tags/{tag}"], cwd=repo,
+                      capture_output=True).returncode == 0:
+        raise PublishError(f"--tag {tag!r}: the tag exists in {repo}; choose a new name (a dataset version is never "
+                           "moved); nothing was run")
 
 
 @task(name="git-commit", cache_policy=NO_CACHE)
 def commit(repo: Path, tag: str | None, reports: Path, gitignores_before: dict[str, str] | None = None) -> str | None:
     # reports: params.yaml's paths.reports, committed when it lies inside the repository; only these
     # paths are committed (`git commit -- paths`), whatever else the user had staged
-    paths = [lock for lock in lock_files(repo) if (repo / lock).is_file()]
+    locks = [lock for lock in lock_files(repo) if (repo / lock).is_file()]
+    # a pipeline in a folder git ignores runs, but its lock file cannot be committed
+    ignored = subprocess.run(["git", "check-ignore", "--", *locks], cwd=repo, capture_output=True,
+                             text=True).stdout.split() if locks else []
+    paths = [lock for lock in locks if lock not in ignored]
     paths += [reports.relative_to(repo).as_posix()] if reports.is_dir() and reports.is_relative_to(repo) else []
     before = gitignores_before or {}
     paths += [p for p, st in _gitignores(repo).items() if before.get(p) != st]  # the ones DVC edited in this run
@@ -213,6 +242,8 @@ def _regenerate(log: Any, root: Path, pull_first: bool, push_after: bool, git_co
                 tag: str | None) -> dict[str, Any]:
     if git_commit or tag:
         check_committable(root)
+    if tag:
+        check_tag(root, tag)
     gitignores = _gitignores(root)
     locks = lock_files(root)
     saved = {lock: (root / lock).read_bytes() for lock in locks if (root / lock).is_file()}

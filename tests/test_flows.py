@@ -325,6 +325,88 @@ def test_a_failed_first_run_removes_the_lock_file_it_started_and_the_outputs_rec
     assert (repo / "data" / "mine.txt").is_file() and (tmp_path / "outside").is_file()
 
 
+def test_a_failed_first_run_removes_a_symlinked_output_not_the_cache_file(tmp_path, monkeypatch):
+    # `dvc config cache.type symlink`: the workspace output is a link into .dvc/cache
+    from poison.publish import PublishError
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    (repo / "variants").mkdir()
+    (repo / "variants" / "dvc.yaml").write_text("stages:\n  topk:\n    wdir: ..\n    cmd: run\n")
+    cached = repo / ".dvc" / "cache" / "files" / "md5" / "ab" / "cdef"
+    cached.parent.mkdir(parents=True)
+
+    def repro(root):
+        cached.write_bytes(b"generator")
+        (root / "models").mkdir()
+        (root / "models" / "generator-topk.pt").symlink_to(cached)
+        (root / "variants" / "dvc.lock").write_text(
+            "schema: '2.0'\nstages:\n  topk:\n    cmd: run\n    outs:\n    - path: models/generator-topk.pt\n")
+        raise PublishError("stage multilabel failed")
+
+    regen = _fake_flow(monkeypatch, repo, repro=repro)
+    monkeypatch.setattr(regen.subprocess, "run", _no_dvc_checkout(regen.subprocess.run))
+    with pytest.raises(PublishError, match="stage multilabel failed"):
+        regen.regenerate.fn(repo=str(repo), pull_first=False, push_after=False)
+    assert not (repo / "models" / "generator-topk.pt").is_symlink() and cached.read_bytes() == b"generator"
+
+
+@pytest.mark.parametrize("tag, message", [("bad..name", "not a valid git tag name"), ("-f", "not a valid git tag name"),
+                                          ("v1", "the tag exists")])
+def test_regenerate_refuses_a_tag_git_would_refuse_before_running(tmp_path, monkeypatch, tag, message):
+    import subprocess
+
+    from poison.publish import PublishError
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    subprocess.run(["git", "tag", "v1"], cwd=repo, check=True)
+    ran = []
+    regen = _fake_flow(monkeypatch, repo, repro=lambda root: ran.append(root) or "")
+    with pytest.raises(PublishError, match=message):
+        regen.regenerate.fn(repo=str(repo), pull_first=False, push_after=False, tag=tag)
+    assert ran == []
+
+
+def test_regenerate_commit_refuses_a_gitignore_with_changes_of_the_users(tmp_path, monkeypatch):
+    # the commit adds the .gitignore entries DVC wrote: a user's own edits there would go in too
+    from poison.publish import PublishError
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    (repo / "data").mkdir()
+    (repo / "data" / ".gitignore").write_text("/scratch\n")
+    regen = _fake_flow(monkeypatch, repo)
+    with pytest.raises(PublishError, match="uncommitted changes:\n.*data/.gitignore"):
+        regen.regenerate.fn(repo=str(repo), pull_first=False, push_after=False, git_commit=True)
+
+
+def test_regenerate_commit_leaves_out_the_lock_file_of_a_pipeline_git_ignores(tmp_path, monkeypatch):
+    import subprocess
+
+    from flows.regenerate import commit
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    (repo / ".gitignore").write_text("/scratch/\n")
+    subprocess.run(["git", "add", ".gitignore"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "ignore scratch"], cwd=repo, check=True)
+    (repo / "scratch").mkdir()
+    (repo / "scratch" / "dvc.yaml").write_text("stages: {}\n")
+    (repo / "scratch" / "dvc.lock").write_text("schema: '2.0'\n")
+    (repo / "dvc.lock").write_text("schema: '2.0'\nafter: 1\n")
+    head = commit.fn(repo, None, repo / "reports")
+    files = subprocess.run(["git", "show", "--name-only", "--format=", head], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert files == ["dvc.lock"]
+
+
+def test_regenerate_reports_a_timed_out_command_as_an_error(tmp_path):
+    import sys
+
+    from flows.regenerate import _run
+    from poison.publish import PublishError
+
+    with pytest.raises(PublishError, match="took longer than 1 s and was stopped"):
+        _run([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, timeout=1)
+
+
 def _no_dvc_checkout(run):
     import subprocess
 
@@ -338,7 +420,9 @@ def _no_dvc_checkout(run):
 def test_regenerate_finds_every_pipeline_of_the_repository(tmp_path):
     from flows.regenerate import lock_files, pipelines
 
-    for rel in ("dvc.yaml", "variants/dvc.yaml", "extra/deep/dvc.yaml", ".venv/lib/dvc.yaml", ".dvc/dvc.yaml"):
+    (tmp_path / "build" / "clone" / ".dvc").mkdir(parents=True)  # a nested DVC repository: DVC skips it too
+    for rel in ("dvc.yaml", "variants/dvc.yaml", "extra/deep/dvc.yaml", ".venv/lib/dvc.yaml", ".dvc/dvc.yaml",
+                "build/clone/dvc.yaml", "build/clone/variants/dvc.yaml"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("stages: {}\n")
     assert pipelines(tmp_path) == ["dvc.yaml", "extra/deep/dvc.yaml", "variants/dvc.yaml"]
