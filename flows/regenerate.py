@@ -72,7 +72,7 @@ def _recorded_outputs(root: Path, lock: str) -> list[Path]:
         specs = (yaml.safe_load((folder / "dvc.yaml").read_text()) or {}).get("stages") or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
         return []
-    found = []
+    found, top = [], Path(os.path.normpath(os.path.abspath(root)))
     for name, stage in stages.items() if isinstance(stages, dict) else ():
         spec = specs.get(str(name).split("@")[0]) if isinstance(specs, dict) else None
         wdir = folder / ((spec.get("wdir") if isinstance(spec, dict) else None) or ".")
@@ -82,7 +82,6 @@ def _recorded_outputs(root: Path, lock: str) -> list[Path]:
                 # normalised, not resolved: with `cache.type symlink` an output is a link into the
                 # DVC cache, and the link is what goes, never the cached file it points to
                 path = Path(os.path.normpath(os.path.abspath(wdir / out["path"])))
-                top = Path(os.path.normpath(os.path.abspath(root)))
                 if path.is_relative_to(top) and path != top:
                     found.append(path)
     return found
