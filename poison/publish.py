@@ -149,7 +149,7 @@ def publish_dataset(dataset_dir: str | os.PathLike[str], prefix: str | os.PathLi
     if not _VERSION.match(version):
         raise PublishError(f"version: expected letters, digits, '.', '_' or '-' (at most 64), got {version!r}")
     dataset = manifest["dataset"]  # a plain name: parse_manifest refuses paths
-    root = open_store(prefix, endpoint_url=endpoint_url)
+    root = writable_store(prefix, endpoint_url)
     dest = root.child(dataset, version)
     summary = card_metrics(metrics, base)
     if summary is not None or repo_path is not None:
@@ -181,6 +181,18 @@ def publish_dataset(dataset_dir: str | os.PathLike[str], prefix: str | os.PathLi
     else:
         _publish_to_store(dest, files)
     return dict(result, published=True)
+
+
+def writable_store(prefix: str | os.PathLike[str], endpoint_url: str | None = None) -> Store:
+    """Open the store of a publish prefix; ``PublishError`` if it is one that cannot be written (http(s))."""
+    try:
+        store = open_store(prefix, endpoint_url=endpoint_url)
+    except ShardError as exc:
+        raise PublishError(f"publish prefix (--to / publish.prefix): {exc}") from None
+    if not store.writable:
+        raise PublishError(f"publish prefix (--to / publish.prefix): {store.url} is read-only (http(s) serves, "
+                           "it does not take uploads); publish to a folder or an s3:// prefix and serve that")
+    return store
 
 
 def _publish_to_folder(dest: LocalStore, files: Sequence[tuple[str, Callable[[], bytes]]]) -> None:
@@ -323,6 +335,8 @@ def publish(params: Any, *, repo: str | os.PathLike[str] = ".", push: bool | Non
     endpoint_url = cfg.endpoint_url if endpoint_url is None else endpoint_url
     if not push and not prefix:
         raise PublishError("publish: nothing to do: enable dvc_push or give a prefix (--to / publish.prefix)")
+    if prefix:
+        writable_store(prefix, endpoint_url)  # refused before anything is verified, pushed or copied
     repo = Path(repo)
     dirs = verify_all(params, repo)
     out: dict[str, Any] = {"dvc_push": None, "datasets": {},

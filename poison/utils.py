@@ -130,16 +130,49 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def _fsync_folder(path: Path) -> None:
+    """Flush a folder's entries (its renames and new files) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: a folder cannot be opened, NTFS orders its metadata itself
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` and the folders holding them to disk.
+
+    Done before a folder is renamed into place, so that after a power loss the final name
+    never points at a manifest beside zero-length or missing shards.
+    """
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(folder) / name
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_folder(Path(folder))
+
+
 def swap_in_folder(staging: Path, out: Path) -> None:
     """Replace the folder ``out`` with the complete folder ``staging`` (same parent), by renames.
 
-    The previous ``out`` is moved aside first and put back if the second rename fails or is
-    interrupted (any exception, Ctrl-C too). A process killed between the renames leaves it
-    moved aside as ``.<name>.old-*/<name>``, where ``remove_stale_folders`` finds it.
+    Everything in ``staging`` is flushed to disk first (``fsync_tree``), and the parent folder
+    after the renames, so the swap is durable, not only atomic. The previous ``out`` is moved
+    aside first and put back if the second rename fails or is interrupted (any exception,
+    Ctrl-C too). A process killed between the renames leaves it moved aside as
+    ``.<name>.old-*/<name>``, where ``remove_stale_folders`` finds it.
     """
     os.chmod(staging, 0o755)
+    fsync_tree(staging)
     if not out.exists():
         os.replace(staging, out)
+        _fsync_folder(out.parent)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.replace(out, trash / out.name)
@@ -151,6 +184,7 @@ def swap_in_folder(staging: Path, out: Path) -> None:
     finally:
         if out.exists():  # else the restore failed too: leave the previous one for remove_stale_folders
             shutil.rmtree(trash, ignore_errors=True)
+    _fsync_folder(out.parent)
 
 
 def remove_stale_folders(out: Path, marker: str = "manifest.json") -> None:

@@ -263,3 +263,16 @@ def test_damaged_evaluate_metrics_are_a_publish_error_naming_the_file(tmp_path, 
     path.write_bytes(content)
     with pytest.raises(pub.PublishError, match=r"metrics\.json.*rerun the evaluate stage"):
         pub.evaluate_metrics(params, repo=tmp_path)
+
+
+def test_a_read_only_prefix_is_refused_before_anything_is_verified_or_pushed(session_params, dataset, monkeypatch):
+    pushed, verified = [], []
+    monkeypatch.setattr(pub, "dvc_push", lambda *a, **k: pushed.append(a))
+    monkeypatch.setattr(pub, "verify_all", lambda *a, **k: verified.append(a) or {})
+    with pytest.raises(pub.PublishError, match=r"--to / publish.prefix.*https://example.org/data is read-only"):
+        pub.publish(session_params, push=True, prefix="https://example.org/data")
+    assert pushed == [] and verified == []
+    with pytest.raises(pub.PublishError, match="read-only"):
+        pub.publish_dataset(dataset, "http://example.org/data")
+    with pytest.raises(pub.PublishError, match=r"publish.prefix.*unsupported scheme 'ftp'"):
+        pub.publish(session_params, push=False, prefix="ftp://example.org/data")

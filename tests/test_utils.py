@@ -137,3 +137,37 @@ def test_run_command_stops_every_process_the_command_started_on_a_timeout(tmp_pa
         time.sleep(0.1)
     else:
         pytest.fail(f"the stage process {pid} outlived the timeout")
+
+
+def test_swap_in_folder_flushes_every_staged_file_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    from poison import utils
+
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "a.tar").write_bytes(b"a")
+    (staging / "sub" / "manifest.json").write_text("{}")
+    out.mkdir()
+    (out / "old").write_text("old")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}") if Path("/proc/self/fd").is_dir() else fd))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", Path(a).name, Path(b).name))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(utils.os, "fsync", fsync)
+    monkeypatch.setattr(utils.os, "replace", replace)
+    utils.swap_in_folder(staging, out)
+    assert (out / "a.tar").read_bytes() == b"a" and not (out / "old").exists()
+    first_replace = next(i for i, e in enumerate(events) if e[0] == "replace")
+    synced = [e[1] for e in events[:first_replace] if e[0] == "fsync"]
+    assert len(synced) >= 2 + (2 if os.name != "nt" else 0)  # both files (and, on POSIX, both folders)
+    if Path("/proc/self/fd").is_dir():
+        assert {str(staging.resolve() / "a.tar"), str(staging.resolve() / "sub" / "manifest.json")} <= set(synced)
+    assert events[-1][0] == "fsync"  # the parent folder, after the renames
