@@ -132,9 +132,10 @@ def topk_attacks(seed: int, k: int, clean: str, search: dict[str, Any], split: s
 
 
 def _cat(parts):
-    from poison.attacks.cw import CWResult
-
-    return CWResult(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(CWResult)))
+    """One result of the batches' results (same class; tensor fields concatenated, ``secondary`` dropped)."""
+    cls = type(parts[0])
+    return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                  for f in dataclasses.fields(cls) if f.name != "secondary"})
 
 
 # ---------------------------------------------------------- 2. multi-label attacks
@@ -180,9 +181,11 @@ def multilabel_attacks(seed: int, strategy: str, grid: str, methods: tuple[str, 
         parts = [attack(model, xs[i : i + 250], pred[i : i + 250], targets[i : i + 250], cfg)
                  for i in range(0, xs.shape[0], 250)]
         res = _cat(parts)
-        exact = torch.cat([p.exact for p in parts]) if hasattr(parts[0], "exact") else res.success
+        hit = res.exact & valid
         out[_ml_key(method, space)] = _metrics(res, valid) | {
-            "exact_match_rate": float((exact & valid).sum()) / max(int(valid.sum()), 1),
+            # Rank I/II: the smallest exact match their search met (ML-CW, ML-DP: their success)
+            "exact_match_rate": float(hit.sum()) / max(int(valid.sum()), 1),
+            "exact_mean_l2": float(res.exact_l2[hit].mean()) if hit.any() else None,
             "seconds": round(time.perf_counter() - t0, 1)}
     return out
 

@@ -262,7 +262,16 @@ def test_attacks_reach_the_target_on_a_linear_model(method, space, strategy):
     criterion = {"ml_cw": M.exact_match(z, targets), "ml_dp": M.exact_match(z, targets),
                  "rank_i": M.rank_success(z, targets), "rank_ii": M.rank_success(z, targets, labels)}[method]
     assert bool(criterion[res.success].all())
-    assert torch.equal(res.exact, res.success & M.exact_match(z, targets))
+    # exact: the smallest exact match the search met; a kept image that matches exactly is one
+    kept_exact = res.success & M.exact_match(z, targets)
+    assert bool(res.exact[kept_exact].all()) and bool((res.exact_l2 <= res.l2 + 1e-6)[kept_exact].all())
+    if method in ("ml_cw", "ml_dp"):
+        assert torch.equal(res.exact, kept_exact) and res.exact_images is res.images
+    with torch.no_grad():
+        assert bool(M.exact_match(model(res.exact_images), targets)[res.exact].all())
+    e_l2, e_linf = norms(res.exact_images - x)
+    assert torch.allclose(res.exact_l2, torch.where(res.exact, e_l2, 0 * e_l2))
+    assert torch.allclose(res.exact_linf, torch.where(res.exact, e_linf, 0 * e_linf))
     # a target without positives or without negatives is ranked against the threshold: exact
     one_sided = (targets.sum(1) == 0) | (targets.sum(1) == targets.shape[1])
     assert torch.equal(res.exact[one_sided], res.success[one_sided])
@@ -288,11 +297,14 @@ def test_ml_dp_leaves_already_matching_samples_unperturbed_and_is_deterministic(
 def test_attack_metrics_count_valid_samples_and_average_successes():
     res = M.MultiLabelResult(images=torch.zeros(4, 1, 2, 2), success=torch.tensor([True, True, False, True]),
                              l2=torch.tensor([1.0, 3.0, 0.0, 5.0]), linf=torch.tensor([0.1, 0.3, 0.0, 0.5]),
-                             c=torch.ones(4, dtype=torch.float64), exact=torch.tensor([True, False, False, True]))
+                             c=torch.ones(4, dtype=torch.float64), exact=torch.tensor([True, False, True, True]),
+                             exact_images=torch.zeros(4, 1, 2, 2), exact_l2=torch.tensor([2.0, 0.0, 4.0, 9.0]),
+                             exact_linf=torch.tensor([0.2, 0.0, 0.4, 0.9]))
     m = M.attack_metrics(res, valid=torch.tensor([True, True, True, False]))
     assert m["count"] == 3 and m["successes"] == 2 and m["success_rate"] == pytest.approx(2 / 3)
     assert m["mean_l2"] == pytest.approx(2.0) and m["mean_linf"] == pytest.approx(0.2)
-    assert m["exact_match_rate"] == pytest.approx(1 / 3)
+    assert m["exact_match_rate"] == pytest.approx(2 / 3)
+    assert m["exact_mean_l2"] == pytest.approx(3.0) and m["exact_mean_linf"] == pytest.approx(0.3)
     none = M.attack_metrics(CWResult(res.images, torch.zeros(4, dtype=torch.bool), res.l2 * 0, res.linf * 0, res.c))
     assert none["success_rate"] == 0 and none["mean_l2"] is None and none["mean_linf"] is None
     assert "exact_match_rate" not in none
@@ -337,3 +349,20 @@ def test_config_error_lists_the_known_methods():
         M.MultiLabelAttackConfig(method="ml-cw")
     assert M.MultiLabelAttackConfig(method="rank_i", kappa=0.6, space="probability").kappa == 0.6
     assert M.MultiLabelAttackConfig(space="logit", kappa=2.0).kappa == 2.0  # logits: no 0.5 bound
+
+
+def test_rank_search_reports_the_smallest_exact_match_it_met_not_only_the_kept_ranking():
+    """A ranking can hold with every score below the threshold; the search's exact matches are tracked apart."""
+    from poison.attacks.cw import CWConfig, cw_search
+
+    model = _linear_model()
+    x = _images(6)
+    never = lambda z: torch.zeros(z.shape[0], dtype=torch.bool)  # noqa: E731
+    always = lambda z: torch.ones(z.shape[0], dtype=torch.bool)  # noqa: E731
+    loss = lambda z: z.pow(2).sum(1)  # noqa: E731
+    cfg = CWConfig(iterations=5, binary_steps=2, c_init=1.0, lr=0.1)
+    res = cw_search(model, x, loss, never, cfg, secondary=always)
+    assert not res.success.any() and res.secondary.success.all()
+    # the first iterate is x itself (up to tanh round-off): the smallest that passes ``always``
+    assert (res.secondary.l2 < 1e-3).all() and torch.allclose(res.secondary.images, x, atol=1e-5)
+    assert cw_search(model, x, loss, never, cfg).secondary is None

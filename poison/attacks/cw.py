@@ -7,7 +7,9 @@ Carlini, Wagner, "Towards Evaluating the Robustness of Neural Networks", IEEE S&
 
 with Adam, and binary-search the trade-off c per sample: after a run, a sample that
 succeeded halves towards its lower bound, one that failed doubles (x10 while no upper
-bound is known). Each sample keeps its smallest successful perturbation over all runs.
+bound is known). Each sample keeps its smallest successful perturbation over all runs
+(and, given a ``secondary`` success test, also its smallest perturbation passing that one:
+Rank I/II search for a ranking and report the exact matches they met on the way).
 
 The attacks differ only by ``loss`` and ``success`` (STYLE: pass the loss in):
 ML-CW and Rank I/II (``poison.attacks.multilabel``), AD and CW^k (``poison.attacks.topk``).
@@ -15,7 +17,7 @@ ML-CW and Rank I/II (``poison.attacks.multilabel``), AD and CW^k (``poison.attac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -58,6 +60,8 @@ class CWResult:
     images: (N, C, H, W) in [0, 1], the smallest successful adversarial image per sample
     (the input itself where no run succeeded); success: (N,) bool; l2, linf: (N,) norms of
     images - x (0 where unsuccessful); c: (N,) the c of the kept image (nan if none).
+    secondary: the same for the ``secondary`` success test of ``cw_search`` (None without
+    one): the smallest iterate of the whole search that passed it.
     """
 
     images: torch.Tensor
@@ -65,6 +69,7 @@ class CWResult:
     l2: torch.Tensor
     linf: torch.Tensor
     c: torch.Tensor
+    secondary: "CWResult | None" = field(default=None, kw_only=True)
 
 
 def norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,12 +82,16 @@ def _atanh(x: torch.Tensor) -> torch.Tensor:
     return torch.atanh((x * 2 - 1).clamp(-1 + 1e-6, 1 - 1e-6))
 
 
-def cw_search(model: nn.Module, x: torch.Tensor, loss: Loss, success: Success, cfg: CWConfig) -> CWResult:
+def cw_search(model: nn.Module, x: torch.Tensor, loss: Loss, success: Success, cfg: CWConfig,
+              secondary: Success | None = None) -> CWResult:
     """Run the search on a batch against ``model`` (set to eval, its parameters and mode restored).
 
     Shape:
-        x: (N, C, H, W) float in [0, 1]; ``loss`` and ``success`` see the model's logits
-        for the whole batch, in order, so targets can be bound by the caller.
+        x: (N, C, H, W) float in [0, 1]; ``loss``, ``success`` and ``secondary`` see the
+        model's logits for the whole batch, in order, so targets can be bound by the caller.
+
+    ``secondary`` only observes: the search (c updates, kept image) follows ``success``; the
+    result's ``secondary`` holds each sample's smallest iterate that passed ``secondary``.
 
     Deterministic: no random draws (the start is x itself).
     """
@@ -95,6 +104,8 @@ def cw_search(model: nn.Module, x: torch.Tensor, loss: Loss, success: Success, c
     best = x.clone()
     best_l2 = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
     best_c = torch.full((n,), float("nan"), dtype=torch.float64, device=x.device)
+    if secondary is not None:
+        best2, best2_l2, best2_c = best.clone(), best_l2.clone(), best_c.clone()
     with frozen(model):
         for _ in range(cfg.binary_steps):
             w = w0.clone().requires_grad_(True)
@@ -113,6 +124,11 @@ def cw_search(model: nn.Module, x: torch.Tensor, loss: Loss, success: Success, c
                     best_l2[better] = l2[better]
                     best_c[better] = c[better]
                     run_ok |= ok
+                    if secondary is not None:
+                        better = secondary(logits) & (l2 < best2_l2)
+                        best2[better] = adv[better].detach()
+                        best2_l2[better] = l2[better]
+                        best2_c[better] = c[better]
                 if it == cfg.iterations:
                     break
                 objective = ((adv - x).flatten(1).pow(2).sum(1) + cx * loss(logits)).sum()
@@ -128,7 +144,13 @@ def cw_search(model: nn.Module, x: torch.Tensor, loss: Loss, success: Success, c
             upper = torch.where(run_ok, torch.minimum(upper, c), upper)
             lower = torch.where(run_ok, lower, torch.maximum(lower, c))
             c = torch.where(torch.isinf(upper), c * 10, (lower + upper) / 2)
+    second = None if secondary is None else _result(x, best2, best2_l2, best2_c)
+    return _result(x, best, best_l2, best_c, secondary=second)
+
+
+def _result(x: torch.Tensor, best: torch.Tensor, best_l2: torch.Tensor, best_c: torch.Tensor,
+            secondary: CWResult | None = None) -> CWResult:
     found = torch.isfinite(best_l2)
     l2, linf = norms(best - x)
     return CWResult(images=best, success=found, l2=torch.where(found, l2, torch.zeros_like(l2)),
-                    linf=torch.where(found, linf, torch.zeros_like(linf)), c=best_c)
+                    linf=torch.where(found, linf, torch.zeros_like(linf)), c=best_c, secondary=secondary)

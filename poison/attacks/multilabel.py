@@ -17,8 +17,8 @@ pass to ``poison.attacks.cw.cw_search``):
   exact match (every label's prediction equals the target).
 - Rank I: max(0, max_{j: y*_j = -1} f_j - min_{i: y*_i = +1} f_i + kappa): target positives
   above target negatives. Success = that ranking (``rank_success``); exact match is
-  reported separately (``MultiLabelResult.exact``), since a ranking can hold with every
-  score below 0.5. [adapt] A sample without target positives (or negatives) compares its
+  reported separately (``MultiLabelResult.exact``: the smallest exact match the same
+  search met), since a ranking can hold with every score below 0.5. [adapt] A sample without target positives (or negatives) compares its
   other side with the decision threshold 0.5 instead, so the loss still pushes and its rank
   success is its exact match.
 - Rank II: Rank I + max(0, max_{removed} f - min_{kept negatives} f + kappa), where removed =
@@ -248,10 +248,20 @@ class MultiLabelAttackConfig:
 
 @dataclass
 class MultiLabelResult(CWResult):
-    """``CWResult`` plus exact: (N,) bool, the kept image also matches every target label
-    (the success of ML-CW and ML-DP; reported beside the ranking success of Rank I/II)."""
+    """``CWResult`` plus the exact matches: exact (N,) bool, the attack found an image
+    matching every target label; exact_images that image (x where none); exact_l2,
+    exact_linf (N,) its norms (0 where none).
+
+    For ML-CW and ML-DP these are ``success``, ``l2`` and ``linf``. Rank I/II search for
+    their ranking and keep the smallest image that holds it; ``exact`` is the smallest image
+    of the same search that also matched exactly (``cw_search``'s ``secondary``), which
+    need not be the kept one: a ranking can hold with every score below the threshold.
+    """
 
     exact: torch.Tensor
+    exact_images: torch.Tensor
+    exact_l2: torch.Tensor
+    exact_linf: torch.Tensor
 
 
 # ----------------------------------------------------------------------- ML-DP
@@ -333,7 +343,8 @@ _CW_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor, float, str], tuple[
 def _cw_method(name: str, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
                cfg: MultiLabelAttackConfig) -> CWResult:
     loss, success = _CW_METHODS[name](labels, targets, cfg.kappa, cfg.space)
-    return cw_search(model, x, loss, success, cfg.search())
+    exact = None if name == "ml_cw" else partial(exact_match, targets=targets)
+    return cw_search(model, x, loss, success, cfg.search(), secondary=exact)
 
 
 def _ml_dp_method(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
@@ -356,8 +367,10 @@ def attack(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: tor
         x: (N, C, H, W) float in [0, 1]; labels, targets: (N, L) {0, 1} (labels: the
         original label sets, used by Rank II; usually the model's clean predictions).
 
-    ``exact`` of the result: the kept image matches every target label (for ML-CW and ML-DP
-    the same as ``success``).
+    ``exact`` of the result: the attack found an image matching every target label, with
+    ``exact_l2`` / ``exact_linf`` its norms (for ML-CW and ML-DP the same as ``success``,
+    ``l2``, ``linf``; for Rank I/II the smallest exact match their search met, which may
+    differ from the kept ranking image; ``MultiLabelResult``).
     """
     n = x.shape[0]
     for key, v in (("labels", labels), ("targets", targets)):
@@ -367,21 +380,19 @@ def attack(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: tor
         raise ValueError(f"targets: expected the shape of labels {tuple(labels.shape)}, got {tuple(targets.shape)}")
     labels, targets = as_bool(labels).to(x.device), as_bool(targets).to(x.device)
     res = METHODS[cfg.method](model, x, labels, targets, cfg)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            exact = res.success & exact_match(model(res.images), targets)
-    finally:
-        model.train(was_training)
-    return MultiLabelResult(images=res.images, success=res.success, l2=res.l2, linf=res.linf, c=res.c, exact=exact)
+    exact = res if res.secondary is None else res.secondary
+    return MultiLabelResult(images=res.images, success=res.success, l2=res.l2, linf=res.linf, c=res.c,
+                            exact=exact.success, exact_images=exact.images, exact_l2=exact.l2,
+                            exact_linf=exact.linf)
 
 
 def attack_metrics(result: CWResult, valid: torch.Tensor | None = None) -> dict:
     """Return JSON-ready metrics over the ``valid`` samples (all if None).
 
-    count: valid samples; successes; success_rate (None if count is 0); exact_match_rate
-    (when ``result`` carries ``exact``); mean_l2, mean_linf over the successes (None if none).
+    count: valid samples; successes; success_rate (None if count is 0); mean_l2, mean_linf
+    over the successes (None if none). When ``result`` carries ``exact`` (``attack``'s
+    results): exact_match_rate, and exact_mean_l2 / exact_mean_linf over the exact matches
+    (for Rank I/II these, not mean_l2, compare with ML-CW's and ML-DP's norms).
     """
     keep = torch.ones_like(result.success) if valid is None else valid.to(result.success.device).bool()
     ok = result.success & keep
@@ -395,5 +406,8 @@ def attack_metrics(result: CWResult, valid: torch.Tensor | None = None) -> dict:
     }
     exact = getattr(result, "exact", None)
     if exact is not None:
-        out["exact_match_rate"] = int((exact & keep).sum()) / count if count else None
+        hit = exact & keep
+        out["exact_match_rate"] = int(hit.sum()) / count if count else None
+        out["exact_mean_l2"] = float(result.exact_l2[hit].double().mean()) if hit.any() else None
+        out["exact_mean_linf"] = float(result.exact_linf[hit].double().mean()) if hit.any() else None
     return out
