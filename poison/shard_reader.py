@@ -163,6 +163,9 @@ def checked_samples(raw_samples: Iterator[dict[str, Any]], rec: dict[str, Any], 
     count = 0
     for raw in raw_samples:
         count += 1
+        if count > rec["samples"]:  # refused before it is served: the manifest's indices end here
+            raise ShardError(f"{url}: more than the {rec['samples']} samples the manifest says; the shard is "
+                             "damaged: regenerate or re-fetch the dataset")
         sample = _decode(raw, url, meta, multi_label, shape, num_classes)
         if tuple(sample["image"].shape) != shape:
             raise ShardError(f"{url}: sample {sample['key']!r} has shape {tuple(sample['image'].shape)}, "

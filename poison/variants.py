@@ -194,8 +194,15 @@ def fit_generator(cfg: DeepConfuseConfig, data_path: str, seed: int, device: tor
             raise
         raise ConfigError(f"{section}.{err} (data: {data_path})") from None
     best = next(r for r in curve if r.trial == attack.best_trial and r.restart == attack.best_restart)
+    lists = attack.target.topk_lists
+    # what best_val_target_rate counts (TrialRecord): not always the downstream target_rate (top-1)
+    rate_of = (None if cfg.target == "untargeted"
+               else f"ordered top-{lists.shape[1]}: the top {lists.shape[1]} predictions are t(y) in order"
+               if lists is not None else "exact match of the goal label vector" if multi_label
+               else "top-1: the prediction is t(y)")
     summary = {"best_trial": attack.best_trial, "trials": cfg.trials, "steps": curve[-1].steps,
                "best_val_accuracy": best.val_accuracy, "best_val_target_rate": best.val_target_rate,
+               "best_val_target_rate_of": rate_of,
                "restarts": cfg.restarts, "best_restart": attack.best_restart,
                "train_seconds": round(time.perf_counter() - start, 1), "device": str(device),
                "curve": [vars(r) for r in curve]}

@@ -169,6 +169,31 @@ def test_unverified_reading_still_refuses_unsafe_members(poisoned_copy):
         list(open_dataset(poisoned_copy, verify=False))
 
 
+def test_unverified_reading_refuses_a_sample_beyond_the_manifest_before_serving_it(poisoned_copy, clean_dataset):
+    import io
+    import tarfile
+
+    m = json.loads((poisoned_copy / "manifest.json").read_text())
+    last = [r for r in m["shards"] if r["split"] == "train"][-1]
+    shard = poisoned_copy / last["file"]
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers() if info.isfile()]
+    key = members[-1][0].name.split(".", 1)[0]
+    with tarfile.open(shard, "a") as tar:  # one more whole sample under a new key
+        for info, data in members:
+            if info.name.startswith(key + "."):
+                extra = tarfile.TarInfo("train_99999999." + info.name.split(".", 1)[1])
+                extra.size = len(data)
+                tar.addfile(extra, io.BytesIO(data))
+    for kwargs in ({}, {"ratio": 0.5, "clean": clean_dataset}):  # mixing by index: no IndexError past the end
+        ds = open_dataset(poisoned_copy, verify=False, with_meta=True, **kwargs)
+        served = []
+        with pytest.raises(ShardError, match=rf"{last['file']}: more than the {last['samples']} samples"):
+            for item in ds:
+                served.append(item)
+        assert len(served) == len(ds) and all("99999999" not in meta["key"] for _, _, meta in served)
+
+
 def test_poisoned_indices_are_deterministic_nested_and_exact():
     a = poisoned_indices(1000, 0.3, seed=5)
     assert a.numel() == 300 and torch.equal(a, poisoned_indices(1000, 0.3, seed=5))

@@ -151,6 +151,8 @@ def test_topk_stage_writes_a_labelled_poison_and_metrics(session_params, variant
     for kind in ("clean", "poisoned"):
         assert set(metrics[kind]["test_cnn"]["mean"]) == {"accuracy", "target_rate", "topk_rate"}
     assert metrics["datasets"]["poisoned"]["manifest_sha256"]
+    # the kept trial's validation rate is the ordered top-k one, unlike the downstream target_rate (top-1)
+    assert metrics["generator"]["best_val_target_rate_of"].startswith(f"ordered top-{k}:")
     ckpt = torch.load(session_params.paths.topk_generator, weights_only=True)
     assert ckpt["topk_targets"][0] == list(range(1, k + 1)) and ckpt["hazard"] == GENERATOR_HAZARD
 
@@ -169,6 +171,7 @@ def test_multilabel_stage_writes_the_goal_and_metrics(session_params, variant_da
         assert meta["target"] == [1 - row[0], *row[1:]]  # label 0 flipped, the others kept
     metrics = json.loads((Path(session_params.paths.reports) / "multilabel" / "metrics.json").read_text())
     assert {"exact_match", "hamming_loss", "macro_f1", "target_rate"} <= set(metrics["poisoned"]["test_cnn"]["mean"])
+    assert metrics["generator"]["best_val_target_rate_of"] == "exact match of the goal label vector"
 
 
 def test_downstream_cells_are_the_same_on_one_or_several_worker_threads(session_params, variant_datasets,
