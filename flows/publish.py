@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from poison.config import Params
 from poison.publish import (PublishError, dvc_push, evaluate_metrics, pipeline_datasets, publication_hazards,
-                            publish_dataset, verify_all)
+                            publish_dataset, verify_all, writable_store)
 from flows.common import load_params_task, main
 
 
@@ -45,11 +45,13 @@ def copy(path: str, params: Params) -> dict[str, Any]:
 def publish(params_path: str = "params.yaml", push_to_dvc: bool | None = None) -> dict[str, Any]:
     """Verify the datasets, push them with DVC and copy them to ``publish.prefix`` (if set)."""
     params = load_params_task(params_path)
-    dirs = verify(params)
     cfg = params.publish
     do_push = cfg.dvc_push if push_to_dvc is None else push_to_dvc
     if not do_push and not cfg.prefix:
         raise PublishError("publish: nothing to do: dvc push is off and publish.prefix is null in params.yaml")
+    if cfg.prefix:  # a read-only prefix is refused before anything is verified, pushed or retried
+        writable_store(cfg.prefix, cfg.endpoint_url)
+    dirs = verify(params)
     out: dict[str, Any] = {"dvc_push": None, "datasets": {},
                            "hazards": publication_hazards(list(dirs.values()), do_push, pipeline_datasets(params))}
     for note in out["hazards"]:  # on the terminal too, before anything goes out (the artifact comes last)

@@ -48,6 +48,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         args.prefix = args.prefix or params.publish.prefix
         if not push and not args.prefix:
             raise PoisonError("publish: nothing to do: give --to PREFIX, or leave dvc push on")
+        if args.prefix:  # a read-only prefix is refused before anything is verified or pushed
+            pub.writable_store(args.prefix, args.endpoint_url or params.publish.endpoint_url)
         for d in args.dirs:
             problems = pub.verify_dataset(d)
             if problems:

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -134,6 +135,7 @@ def publish_dataset(dataset_dir: str | os.PathLike[str], prefix: str | os.PathLi
     its shards were compared: ``sha256`` (a folder) or ``size`` (a remote store: ``poison verify
     <url>`` checks every sha256).
     """
+    root = writable_store(prefix, endpoint_url)  # refused before the dataset is hashed
     base = Path(dataset_dir)
     if not (base / "manifest.json").is_file():
         read_manifest(base)  # raises the usual "not a complete dataset" error
@@ -149,7 +151,6 @@ def publish_dataset(dataset_dir: str | os.PathLike[str], prefix: str | os.PathLi
     if not _VERSION.match(version):
         raise PublishError(f"version: expected letters, digits, '.', '_' or '-' (at most 64), got {version!r}")
     dataset = manifest["dataset"]  # a plain name: parse_manifest refuses paths
-    root = writable_store(prefix, endpoint_url)
     dest = root.child(dataset, version)
     summary = card_metrics(metrics, base)
     if summary is not None or repo_path is not None:
@@ -185,10 +186,11 @@ def publish_dataset(dataset_dir: str | os.PathLike[str], prefix: str | os.PathLi
 
 def writable_store(prefix: str | os.PathLike[str], endpoint_url: str | None = None) -> Store:
     """Open the store of a publish prefix; ``PublishError`` if it is one that cannot be written (http(s))."""
-    try:
-        store = open_store(prefix, endpoint_url=endpoint_url)
-    except ShardError as exc:
-        raise PublishError(f"publish prefix (--to / publish.prefix): {exc}") from None
+    scheme = urllib.parse.urlparse(prefix).scheme if isinstance(prefix, str) else ""
+    if len(scheme) > 1 and scheme not in ("file", "s3", "http", "https"):  # (one letter: a Windows drive)
+        raise PublishError(f"publish prefix (--to / publish.prefix): {prefix}: unsupported scheme {scheme!r}; "
+                           "publish to a folder or an s3:// prefix")
+    store = open_store(prefix, endpoint_url=endpoint_url)
     if not store.writable:
         raise PublishError(f"publish prefix (--to / publish.prefix): {store.url} is read-only (http(s) serves, "
                            "it does not take uploads); publish to a folder or an s3:// prefix and serve that")

@@ -122,8 +122,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -144,6 +143,12 @@ def _fsync_folder(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush one file's data to disk (Windows needs a handle open for writing to flush)."""
+    with open(path, "rb+" if os.name == "nt" else "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def fsync_tree(root: Path) -> None:
     """Flush every file under ``root`` and the folders holding them to disk.
 
@@ -154,8 +159,7 @@ def fsync_tree(root: Path) -> None:
         for name in names:
             path = Path(folder) / name
             if path.is_file() and not path.is_symlink():
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
+                fsync_file(path)
         _fsync_folder(Path(folder))
 
 
@@ -181,10 +185,11 @@ def swap_in_folder(staging: Path, out: Path) -> None:
     except BaseException:  # an OSError, or Ctrl-C between the two renames
         os.replace(trash / out.name, out)  # put the previous dataset back
         raise
+    else:
+        _fsync_folder(out.parent)  # the new one is durably in place before the old one is deleted
     finally:
         if out.exists():  # else the restore failed too: leave the previous one for remove_stale_folders
             shutil.rmtree(trash, ignore_errors=True)
-    _fsync_folder(out.parent)
 
 
 def remove_stale_folders(out: Path, marker: str = "manifest.json") -> None:

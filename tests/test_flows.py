@@ -143,6 +143,22 @@ def test_prepare_flow_runs_in_process(prefect_harness, tmp_path):
     assert read_manifest(clean)["kind"] == "clean" and verify_dataset(clean) == []
 
 
+@pytest.mark.slow
+def test_publish_flow_refuses_a_read_only_prefix_before_verifying(prefect_harness, tmp_path, monkeypatch):
+    import flows.publish as flow
+    from poison.publish import PublishError
+
+    verified = []
+    monkeypatch.setattr(flow, "verify_all", lambda *a, **k: verified.append(a) or {})
+    params = tiny_params_dict(tmp_path)
+    params["publish"] = {**params.get("publish", {}), "prefix": "https://example.org/data", "dvc_push": True}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(PublishError, match="read-only"):
+        flow.publish(params_path=str(path))
+    assert verified == []
+
+
 # ------------------------------------------------------------- regenerate's rollback of reports/
 def _tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

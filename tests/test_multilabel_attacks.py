@@ -366,3 +366,26 @@ def test_rank_search_reports_the_smallest_exact_match_it_met_not_only_the_kept_r
     # the first iterate is x itself (up to tanh round-off): the smallest that passes ``always``
     assert (res.secondary.l2 < 1e-3).all() and torch.allclose(res.secondary.images, x, atol=1e-5)
     assert cw_search(model, x, loss, never, cfg).secondary is None
+
+
+@pytest.mark.parametrize("method", ["ml_cw", "rank_i", "rank_ii"])
+def test_rank_methods_pass_the_exact_match_test_to_the_search(method, monkeypatch):
+    seen = []
+    real = M.cw_search
+
+    def spy(model, x, loss, success, cfg, secondary=None):
+        seen.append(secondary)
+        return real(model, x, loss, success, cfg, secondary=secondary)
+
+    monkeypatch.setattr(M, "cw_search", spy)
+    model = _linear_model()
+    x = _images(4)
+    with torch.no_grad():
+        z = model(x)
+    labels = (z > 0).float()
+    targets, _ = M.make_targets(labels, "random", torch.Generator().manual_seed(0))
+    M.attack(model, x, labels, targets, M.MultiLabelAttackConfig(method=method, strategy="random", **FAST))
+    if method == "ml_cw":  # its success already is the exact match
+        assert seen == [None]
+    else:
+        assert len(seen) == 1 and torch.equal(seen[0](z), M.exact_match(z, targets))

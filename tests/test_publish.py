@@ -274,5 +274,19 @@ def test_a_read_only_prefix_is_refused_before_anything_is_verified_or_pushed(ses
     assert pushed == [] and verified == []
     with pytest.raises(pub.PublishError, match="read-only"):
         pub.publish_dataset(dataset, "http://example.org/data")
-    with pytest.raises(pub.PublishError, match=r"publish.prefix.*unsupported scheme 'ftp'"):
+    with pytest.raises(pub.PublishError, match=r"publish.prefix.*unsupported scheme 'ftp'; publish to a folder or"):
         pub.publish(session_params, push=False, prefix="ftp://example.org/data")
+    hashed = []
+    monkeypatch.setattr(pub, "verify_dataset", lambda d: hashed.append(d) or [])
+    with pytest.raises(pub.PublishError, match="read-only"):
+        pub.publish_dataset(dataset, "https://example.org/data")
+    assert hashed == []  # refused before the dataset is hashed
+
+
+def test_cli_publish_of_dirs_refuses_a_read_only_prefix_before_verifying_or_pushing(session_params, dataset,
+                                                                                    monkeypatch, capsys):
+    pushed, verified = [], []
+    monkeypatch.setattr(pub, "dvc_push", lambda *a, **k: pushed.append(a))
+    monkeypatch.setattr(pub, "verify_dataset", lambda d: verified.append(d) or [])
+    assert main(["publish", str(dataset), "--to", "https://example.org/data"]) == 1
+    assert "read-only" in capsys.readouterr().err and pushed == [] and verified == []

@@ -170,4 +170,5 @@ def test_swap_in_folder_flushes_every_staged_file_before_the_rename(tmp_path, mo
     assert len(synced) >= 2 + (2 if os.name != "nt" else 0)  # both files (and, on POSIX, both folders)
     if Path("/proc/self/fd").is_dir():
         assert {str(staging.resolve() / "a.tar"), str(staging.resolve() / "sub" / "manifest.json")} <= set(synced)
-    assert events[-1][0] == "fsync"  # the parent folder, after the renames
+    if os.name != "nt":  # the parent folder, after the renames (Windows cannot open a folder to flush it)
+        assert events[-1][0] == "fsync" and events[-2][0] == "replace"
