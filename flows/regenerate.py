@@ -17,7 +17,7 @@ repository (a hand-run ``dvc repro``) fails the run without rolling anything bac
 nothing of this run's doing needs undoing. A timeout or cancellation stops every process
 ``dvc`` started (the stages), not only ``dvc``, before anything is restored.
 
-    python -m flows.regenerate [--no-pull] [--no-push] [--commit] [--tag v2026.11.24]
+    python -m flows.regenerate [--repo .] [--no-pull] [--no-push] [--commit] [--tag v2026.11.24]
 """
 
 from __future__ import annotations
@@ -173,10 +173,27 @@ def push(repo: Path) -> str:
 SOURCES = ("params.yaml", "poison", "flows")
 
 
+def _git(args: list[str], repo: Path) -> str:
+    """stdout of ``git args`` in ``repo``; ``PublishError`` naming the command and git's message if it fails.
+
+    (``git status`` outside a work tree, or one git refuses as of "dubious ownership", exits
+    128 with no output, which must not read as "no changes".)
+    """
+    try:
+        proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise PublishError("--commit/--tag: git is not installed (or not on PATH); install it or run without "
+                           "--commit") from None
+    if proc.returncode != 0:
+        raise PublishError(f"{repo}: `git {' '.join(args[:2])}` failed (exit {proc.returncode}): "
+                           f"{(proc.stderr or proc.stdout).strip()[-800:]}\n--commit/--tag need a git work tree "
+                           "git accepts; fix that or run without --commit; nothing was run")
+    return proc.stdout
+
+
 def _gitignores(repo: Path) -> dict[str, str]:
     """``git status`` of every .gitignore (DVC adds its outputs to them), by path."""
-    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", ":(glob)**/.gitignore"],
-                         cwd=repo, capture_output=True, text=True).stdout
+    out = _git(["status", "--porcelain", "--untracked-files=all", "--", ":(glob)**/.gitignore"], repo)
     return {line[3:]: line[:2] for line in out.splitlines() if line[3:]}
 
 
@@ -185,9 +202,17 @@ def check_committable(repo: Path) -> None:
 
     The commit records outputs: it must hold the code and params that made them.
     """
+    # a work tree git accepts, and an identity to commit with: checked now, not after an hour of repro
+    _git(["rev-parse", "--is-inside-work-tree"], repo)
+    try:
+        _git(["var", "GIT_COMMITTER_IDENT"], repo)
+    except PublishError:
+        raise PublishError(f"{repo}: --commit/--tag: git has no identity to commit with; set one (`git config "
+                           "user.name NAME` and `git config user.email EMAIL`) or run without --commit; "
+                           "nothing was run") from None
     # the .gitignore files too: the commit adds the entries DVC writes there, and only those
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *SOURCES, *pipelines(repo),
-                            ":(glob)**/.gitignore"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    dirty = _git(["status", "--porcelain", "--untracked-files=all", "--", *SOURCES, *pipelines(repo),
+                  ":(glob)**/.gitignore"], repo).strip()
     if dirty:
         raise PublishError(f"{repo}: --commit/--tag records outputs with the code that made them, but these have "
                            f"uncommitted changes:\n{dirty}\ncommit or stash them first, or run without --commit")
@@ -227,12 +252,21 @@ def commit(repo: Path, tag: str | None, reports: Path, gitignores_before: dict[s
     return _run(["git", "rev-parse", "HEAD"], repo).strip()
 
 
+def check_repo(root: Path) -> None:
+    """Refuse a ``--repo`` that is not this project's checkout before anything is written there."""
+    missing = [name for name in (".dvc", "params.yaml") if not (root / name).exists()]
+    if missing:
+        raise PublishError(f"--repo {root}: not a checkout of this project (no {' or '.join(missing)}); pass the "
+                           "repository root (the folder holding dvc.yaml and params.yaml); nothing was run")
+
+
 @flow(name="regenerate")
 def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True, git_commit: bool = False,
                tag: str | None = None) -> dict[str, Any]:
     """Bring the datasets up to date with params.yaml and the code, recorded in dvc.lock."""
-    log = get_run_logger()
     root = Path(repo).resolve()
+    check_repo(root)  # before the lock: a mistyped path must not become a folder with a .dvc/
+    log = get_run_logger()
     with _exclusive(root):
         return _regenerate(log, root, pull_first, push_after, git_commit, tag)
 
@@ -243,7 +277,7 @@ def _regenerate(log: Any, root: Path, pull_first: bool, push_after: bool, git_co
         check_committable(root)
     if tag:
         check_tag(root, tag)
-    gitignores = _gitignores(root)
+    gitignores = _gitignores(root) if git_commit or tag else {}
     locks = lock_files(root)
     saved = {lock: (root / lock).read_bytes() for lock in locks if (root / lock).is_file()}
     # DVC deletes a stage's outputs before running it; the cached ones come back with
@@ -251,8 +285,12 @@ def _regenerate(log: Any, root: Path, pull_first: bool, push_after: bool, git_co
     paths = load_params(root / "params.yaml").paths
     reports = root / paths.reports
     backup = Path(tempfile.mkdtemp(prefix="poison-regenerate-"))
-    if reports.is_dir():
-        shutil.copytree(reports, backup / "reports")
+    try:
+        if reports.is_dir():
+            shutil.copytree(reports, backup / "reports")
+    except BaseException:
+        shutil.rmtree(backup, ignore_errors=True)
+        raise
     out: dict[str, Any] = {"repo": str(root), "pulled": False, "pushed": False, "commit": None, "tag": None,
                            "hazards": []}
     keep_backup = False
@@ -342,9 +380,9 @@ def _restore_reports(saved: Path, reports: Path) -> None:
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", default=".")
-    p.add_argument("--no-pull", action="store_true")
-    p.add_argument("--no-push", action="store_true")
+    p.add_argument("--repo", default=".", help="the repository root to regenerate (default: .)")
+    p.add_argument("--no-pull", action="store_true", help="skip `dvc pull` before `dvc repro`")
+    p.add_argument("--no-push", action="store_true", help="skip `dvc push` after `dvc repro`")
     p.add_argument("--commit", action="store_true", help="git commit the lock files and reports/")
     p.add_argument("--tag", help="git tag for the commit (implies --commit)")
 

@@ -45,14 +45,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from prefect.settings import get_current_settings
 
-    if not get_current_settings().api.url:
+    url = get_current_settings().api.url
+    if not url:
         print(NO_SERVER, file=sys.stderr, end="")
         return 1
+    from prefect.client.orchestration import get_client
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.regenerate import regenerate
+    from flows.regenerate import check_repo, regenerate
+    from poison.errors import PoisonError
 
-    parameters = {"repo": str(Path(args.repo).resolve()), "pull_first": not args.no_pull,
+    repo = Path(args.repo).resolve()
+    try:
+        check_repo(repo)  # now, not at the first scheduled run
+    except PoisonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        print(f"error: the Prefect server at {url} (PREFECT_API_URL) does not answer ({failure!r}). "
+              f"Start it, or point PREFECT_API_URL at a running one:\n\n    prefect server start\n",
+              file=sys.stderr)
+        return 1
+    parameters = {"repo": str(repo), "pull_first": not args.no_pull,
                   "push_after": not args.no_push, "git_commit": args.commit}
     regenerate.serve(name=args.name, cron=args.cron, parameters=parameters,
                      description="`dvc pull -> dvc repro --all-pipelines -> dvc push` on a schedule (python -m flows.serve)",

@@ -210,6 +210,18 @@ def test_serve_without_a_server_says_how_to_start_one(dvc_env, tmp_path):
     assert "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api" in proc.stderr
 
 
+def test_serve_with_an_unreachable_server_or_a_wrong_repo_says_what_to_fix(dvc_env, tmp_path):
+    env = dict(dvc_env, PREFECT_API_URL="http://127.0.0.1:9/api", PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = _run([sys.executable, "-m", "flows.serve"], REPO, env, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "http://127.0.0.1:9/api (PREFECT_API_URL) does not answer" in proc.stderr
+    assert "prefect server start" in proc.stderr and "Traceback" not in proc.stderr
+    typo = tmp_path / "typo"
+    proc = _run([sys.executable, "-m", "flows.serve", "--repo", str(typo)], REPO, env, timeout=120)
+    assert proc.returncode == 1 and "not a checkout of this project" in proc.stderr, proc.stderr
+    assert not typo.exists()
+
+
 @pytest.mark.slow
 def test_nightly_deployment_is_scheduled_and_a_worker_run_regenerates_and_pushes(server, tiny_repo, tmp_path):
     repo, env = tiny_repo, server.env

@@ -233,12 +233,49 @@ def _git_repo(path: Path, monkeypatch) -> Path:
     for var in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
         monkeypatch.setenv(var, "test@example.invalid" if var.endswith("EMAIL") else "test")
     subprocess.run(["git", "init", "-q", str(path)], check=True)
+    (path / ".dvc").mkdir()
     (path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     (path / "dvc.yaml").write_text("stages: {}\n")
     (path / "dvc.lock").write_text("schema: '2.0'\nbefore: 1\n")
     subprocess.run(["git", "add", "-A"], cwd=path, check=True)
     subprocess.run(["git", "commit", "-q", "-m", "init"], cwd=path, check=True)
     return path
+
+
+def test_regenerate_refuses_a_repo_that_is_not_a_checkout_and_writes_nothing_there(tmp_path, monkeypatch):
+    from poison.publish import PublishError
+
+    regen = _fake_flow(monkeypatch, tmp_path)
+    typo = tmp_path / "typo"
+    with pytest.raises(PublishError, match=r"--repo .*typo: not a checkout of this project \(no .dvc or params.yaml\)"):
+        regen.regenerate.fn(repo=str(typo), pull_first=False, push_after=False)
+    assert not typo.exists()
+
+
+def test_commit_needs_a_git_work_tree_and_an_identity_before_anything_runs(tmp_path, monkeypatch):
+    import subprocess
+
+    from poison.publish import PublishError
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    ran = []
+    regen = _fake_flow(monkeypatch, repo, repro=lambda root: ran.append(root) or "")
+    # no identity: git refuses to make one up (user.useConfigOnly), checked before the run
+    for var in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL", "EMAIL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-global-config"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    subprocess.run(["git", "config", "user.useConfigOnly", "true"], cwd=repo, check=True)
+    with pytest.raises(PublishError, match="no identity to commit with; set one"):
+        regen.regenerate.fn(repo=str(repo), pull_first=False, push_after=False, git_commit=True)
+    # not a git work tree: `git status` there exits 128 with no output, which is not "clean"
+    plain = tmp_path / "plain"
+    (plain / ".dvc").mkdir(parents=True)
+    (plain / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    with pytest.raises(PublishError, match=r"`git rev-parse --is-inside-work-tree` failed \(exit 128\)"):
+        regen.regenerate.fn(repo=str(plain), pull_first=False, push_after=False, tag="v1")
+    assert ran == []
 
 
 def test_regenerate_names_a_repository_held_by_another_dvc_process(tmp_path):
