@@ -11,6 +11,13 @@ copy taken at the start (params.yaml and code are never touched). Once ``dvc rep
 succeeded its outputs are consistent with the lock files and are kept: a failed push then
 fails the run without undoing the regeneration.
 
+What the rollback needs (the lock files' bytes, the copy of reports/) is written before
+anything runs to ``.dvc/tmp/regenerate-rollback/`` and removed once it is no longer owed
+(``dvc repro`` succeeded, or the rollback finished). A run killed before it could roll back
+(SIGKILL: a Prefect worker kills a cancelled run 30 s after its SIGTERM; a crash, a power
+loss) leaves that record: the next run finishes the rollback first, and ``--recover`` does
+only that.
+
 One run at a time per repository: a run holds an exclusive lock (``.dvc/tmp/regenerate.lock``)
 from start to end, and a DVC command refused because another DVC process holds the
 repository (a hand-run ``dvc repro``) fails the run without rolling anything back, as
@@ -18,12 +25,14 @@ nothing of this run's doing needs undoing. A timeout or cancellation stops every
 ``dvc`` started (the stages), not only ``dvc``, before anything is restored.
 
     python -m flows.regenerate [--repo .] [--no-pull] [--no-push] [--commit] [--tag v2026.11.24]
+    python -m flows.regenerate [--repo .] --recover
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -40,7 +49,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import main
 from poison.config import load_params
 from poison.publish import PublishError, dvc_push, publication_hazards
-from poison.utils import atomic_write_bytes, run_command
+from poison.utils import atomic_write_bytes, run_command, swap_in_folder
 
 
 def pipelines(root: Path) -> list[str]:
@@ -128,11 +137,13 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 6 * 3600) -> str:
 
 @contextlib.contextmanager
 def _exclusive(root: Path):
-    """Hold ``.dvc/tmp/regenerate.lock`` for the block; another holder makes it raise ``RepoBusy``."""
+    """Hold ``.dvc/tmp/regenerate.lock`` for the block; another holder makes it raise ``RepoBusy``.
+
+    Yields whether the lock is held (False where there are no POSIX file locks)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock (the deployment's concurrency limit still holds)
-        yield
+        yield False
         return
     path = root / ".dvc" / "tmp" / "regenerate.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +154,7 @@ def _exclusive(root: Path):
             raise RepoBusy(f"{root}: another regenerate run holds {path}; nothing was changed by this run. "
                            "Run again when it has finished.") from None
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -260,14 +271,118 @@ def check_repo(root: Path) -> None:
                            "repository root (the folder holding dvc.yaml and params.yaml); nothing was run")
 
 
+#: What a run that has not finished owes the workspace if it fails: written whole before anything
+#: runs, removed once nothing is owed. Found at the start of a run, it is an earlier run's, killed
+#: before it could roll back.
+JOURNAL = Path(".dvc", "tmp", "regenerate-rollback")
+
+
+def _write_journal(root: Path, locks: list[str], reports: Path) -> Path:
+    """Record what a rollback needs (each lock file's bytes or its absence, a copy of ``reports``).
+
+    Built in a staging folder, flushed to disk and renamed into place: the journal exists only whole.
+    """
+    final = root / JOURNAL
+    if final.exists():
+        raise PublishError(f"{final}: an earlier run's rollback is still owed; run `python -m flows.regenerate "
+                           f"--repo {root} --recover` once no other regenerate run is active; nothing was run")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        saved: dict[str, str | None] = {}
+        for i, lock in enumerate(locks):
+            if (root / lock).is_file():
+                (staging / f"lock-{i}").write_bytes((root / lock).read_bytes())
+                saved[lock] = f"lock-{i}"
+            else:
+                saved[lock] = None
+        if reports.is_dir():
+            shutil.copytree(reports, staging / "reports", symlinks=True)
+        place = reports.relative_to(root).as_posix() if reports.is_relative_to(root) else str(reports)
+        (staging / "journal.json").write_text(json.dumps(
+            {"locks": saved, "reports": place, "had_reports": reports.is_dir()}, indent=1))
+        swap_in_folder(staging, final)  # flushed to disk, then renamed into place
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _discard(journal: Path) -> None:
+    """Remove ``journal`` by renaming it aside first: a half-deleted journal never reads as one."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{journal.name}-done-", dir=journal.parent))
+    os.replace(journal, trash / journal.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def rollback(root: Path) -> list[str] | None:
+    """Put the workspace back as the journal recorded it; ``None`` if no rollback is owed.
+
+    Restores the lock files (a pipeline that had none loses the one written since and the outputs
+    it records), runs ``dvc checkout --force`` for the outputs they record, and puts ``reports/``
+    back. Every step can be repeated, so a rollback cut short is finished by the next call. Returns
+    notes on what could not be restored; the journal is kept (and this raises) only if the lock
+    files or reports could not be written, so that a later call tries again.
+    """
+    journal = root / JOURNAL
+    for leftover in journal.parent.glob(f".{journal.name}-*"):  # a staging or discarded copy cut short
+        shutil.rmtree(leftover, ignore_errors=True)
+    if not journal.is_dir():
+        return None
+    try:
+        record = json.loads((journal / "journal.json").read_text())
+        saved, place, had_reports = record["locks"], record["reports"], record["had_reports"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PublishError(f"{journal}: the record of an unfinished run cannot be read ({exc}); look at what it "
+                           f"holds (the lock files and reports/ from before that run), put them back by hand, "
+                           "then delete the folder") from None
+    for lock, name in saved.items():
+        if name is not None:
+            atomic_write_bytes(root / lock, (journal / name).read_bytes())
+        elif (root / lock).is_file():
+            # a pipeline that had no lock file: the failed run's stages recorded their outputs in a new
+            # one; those outputs go with it (DVC had removed any earlier ones before running each stage,
+            # and keeps these in its cache)
+            for path in _recorded_outputs(root, lock):
+                _remove(path)
+            (root / lock).unlink()
+    notes = []
+    if any(name is not None for name in saved.values()):
+        rc = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force"], cwd=root,
+                            capture_output=True).returncode
+        if rc != 0:
+            notes.append(f"restoring: `dvc checkout --force` failed (exit {rc}), so the outputs may not match the "
+                         f"restored lock files; run `dvc checkout --force` in {root}")
+    reports = root / place
+    try:
+        _restore_reports(journal / "reports" if had_reports else journal / "no-reports", reports)
+    except Exception as failed:
+        raise PublishError(f"restoring: {reports} could not be put back ({failed}); the copy from before the run "
+                           f"is {journal / 'reports'}; run `python -m flows.regenerate --repo {root} --recover` to "
+                           "try again") from failed
+    _discard(journal)
+    return notes
+
+
 @flow(name="regenerate")
 def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True, git_commit: bool = False,
-               tag: str | None = None) -> dict[str, Any]:
-    """Bring the datasets up to date with params.yaml and the code, recorded in dvc.lock."""
+               tag: str | None = None, recover_only: bool = False) -> dict[str, Any]:
+    """Bring the datasets up to date with params.yaml and the code, recorded in dvc.lock.
+
+    ``recover_only``: only finish the rollback an earlier, killed run owed (if any), then stop."""
     root = Path(repo).resolve()
     check_repo(root)  # before the lock: a mistyped path must not become a folder with a .dvc/
     log = get_run_logger()
-    with _exclusive(root):
+    with _exclusive(root) as locked:
+        if locked or recover_only:  # unlocked, a journal may be a live run's: only --recover touches it
+            notes = rollback(root)
+            if notes is not None:
+                log.warning("an earlier regenerate run ended before it could roll back: the lock files, the "
+                            "outputs they record and the reports are back as they were before it")
+                for note in notes:
+                    log.warning(note)
+        if recover_only:
+            return {"repo": str(root), "recovered": notes is not None, "notes": notes or []}
         return _regenerate(log, root, pull_first, push_after, git_commit, tag)
 
 
@@ -278,22 +393,13 @@ def _regenerate(log: Any, root: Path, pull_first: bool, push_after: bool, git_co
     if tag:
         check_tag(root, tag)
     gitignores = _gitignores(root) if git_commit or tag else {}
-    locks = lock_files(root)
-    saved = {lock: (root / lock).read_bytes() for lock in locks if (root / lock).is_file()}
-    # DVC deletes a stage's outputs before running it; the cached ones come back with
-    # `dvc checkout`, the uncached metrics and plots (cache: false, kept in git) from this copy
     paths = load_params(root / "params.yaml").paths
     reports = root / paths.reports
-    backup = Path(tempfile.mkdtemp(prefix="poison-regenerate-"))
-    try:
-        if reports.is_dir():
-            shutil.copytree(reports, backup / "reports")
-    except BaseException:
-        shutil.rmtree(backup, ignore_errors=True)
-        raise
+    # DVC deletes a stage's outputs before running it; the cached ones come back with
+    # `dvc checkout`, the uncached metrics and plots (cache: false, kept in git) from the journal's copy
+    journal = _write_journal(root, lock_files(root), reports)
     out: dict[str, Any] = {"repo": str(root), "pulled": False, "pushed": False, "commit": None, "tag": None,
                            "hazards": []}
-    keep_backup = False
     try:
         if pull_first:
             pull(root)
@@ -301,35 +407,18 @@ def _regenerate(log: Any, root: Path, pull_first: bool, push_after: bool, git_co
         log.info("dvc repro in %s", root)
         out["repro"] = [line for line in repro(root).splitlines() if line.startswith(("Running stage", "Stage "))]
     except RepoBusy:
+        _discard(journal)
         raise  # another DVC process holds the repository: nothing of this run's doing to undo
     except BaseException as exc:
         log.error("regenerate failed: restoring the lock files and the outputs they record")
-        for lock in locks:
-            if lock in saved:
-                atomic_write_bytes(root / lock, saved[lock])
-            elif (root / lock).is_file():
-                # a pipeline that had no lock file: the failed run's stages recorded their outputs in
-                # a new one; those outputs go with it (DVC had removed any earlier ones before running
-                # each stage, and keeps these in its cache), the uncached reports come back below
-                for path in _recorded_outputs(root, lock):
-                    _remove(path)
-                (root / lock).unlink()
-        if saved:
-            rc = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force"], cwd=root,
-                                capture_output=True).returncode
-            if rc != 0:
-                exc.add_note(f"restoring: `dvc checkout --force` failed (exit {rc}), so the outputs may not match the "
-                             f"restored lock files; run `dvc checkout --force` in {root}")
         try:
-            _restore_reports(backup / "reports", reports)
+            for note in rollback(root) or []:
+                exc.add_note(note)
         except Exception as failed:
-            keep_backup = True
-            exc.add_note(f"restoring: {reports} could not be put back ({failed}); the copy from before the run is "
-                         f"{backup / 'reports'}")
+            exc.add_note(str(failed))
         raise
-    finally:
-        if not keep_backup:
-            shutil.rmtree(backup, ignore_errors=True)
+    # the outputs are complete and consistent with the lock files: nothing is owed from here on
+    _discard(journal)
     if push_after:
         # the outputs are complete and recorded in the lock files: a failed push keeps them
         try:
@@ -385,11 +474,14 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-push", action="store_true", help="skip `dvc push` after `dvc repro`")
     p.add_argument("--commit", action="store_true", help="git commit the lock files and reports/")
     p.add_argument("--tag", help="git tag for the commit (implies --commit)")
+    p.add_argument("--recover", action="store_true",
+                   help="only finish the rollback of an earlier run that was killed before it could roll back "
+                        "(.dvc/tmp/regenerate-rollback/), then stop")
 
 
 if __name__ == "__main__":
     raise SystemExit(main(
         regenerate, options=_options, params=False,
         flow_kwargs=lambda a: {"repo": a.repo, "pull_first": not a.no_pull, "push_after": not a.no_push,
-                               "git_commit": a.commit, "tag": a.tag},
+                               "git_commit": a.commit, "tag": a.tag, "recover_only": a.recover},
     ))

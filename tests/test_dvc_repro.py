@@ -258,6 +258,7 @@ def test_regenerate_flow_records_pushes_tags_and_a_failure_leaves_the_workspace_
         assert bad.returncode != 0 and "Running stage 'prepare'" in log, log[-4000:]
         assert {name: (repo / name).read_bytes() for name in locks} == locks
         assert {p.name: p.read_bytes() for p in sorted(clean.iterdir())} == before
+        assert not (repo / ".dvc" / "tmp" / "regenerate-rollback").exists()  # nothing owed after the rollback
     finally:
         (repo / "params.yaml").write_text(params_text)
     status = _run([str(BIN / "dvc"), "status"], repo, dvc_env)

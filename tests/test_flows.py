@@ -511,3 +511,186 @@ def test_regenerate_commit_refuses_uncommitted_sources_and_commits_only_its_path
     staged = subprocess.run(["git", "diff", "--cached", "--name-only"], cwd=repo, capture_output=True, text=True,
                             check=True).stdout.split()
     assert staged == ["notes.txt"]
+
+
+# ------------------------------------------------------------- regenerate: a run killed before it could roll back
+def _killed_run_state(repo: Path) -> None:
+    """What a run killed mid-`dvc repro` leaves: a new lock file of the core pipeline, a first lock
+    file of the variants pipeline with the output it records, reports/ half rewritten."""
+    (repo / "dvc.lock").write_text("schema: '2.0'\nafter: 1\n")
+    (repo / "data" / "shards" / "topk").mkdir(parents=True)
+    (repo / "data" / "shards" / "topk" / "manifest.json").write_text("{}")
+    (repo / "variants" / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  topk:\n    cmd: run\n    outs:\n    - path: data/shards/topk\n")
+    (repo / "reports" / "evaluate" / "metrics.json").write_text('{"killed run": 1}')
+
+
+def _before_state(repo: Path) -> dict[str, bytes]:
+    (repo / "variants").mkdir()
+    (repo / "variants" / "dvc.yaml").write_text("stages:\n  topk:\n    wdir: ..\n    cmd: run\n")
+    (repo / "reports" / "evaluate").mkdir(parents=True)
+    (repo / "reports" / "evaluate" / "metrics.json").write_text('{"before": 1}')
+    return _tree_of(repo)
+
+
+def _tree_of(repo: Path) -> dict[str, bytes]:
+    return {p.relative_to(repo).as_posix(): p.read_bytes() for p in sorted(repo.rglob("*"))
+            if p.is_file() and not p.relative_to(repo).as_posix().startswith((".git/", ".dvc/"))}
+
+
+def test_the_next_run_finishes_the_rollback_a_killed_run_owed_before_it_runs(tmp_path, monkeypatch):
+    from flows.regenerate import JOURNAL, _write_journal, lock_files
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    before = _before_state(repo)
+    _write_journal(repo, lock_files(repo), repo / "reports")  # as the killed run did before pulling
+    _killed_run_state(repo)
+    seen = []
+
+    def repro(root):  # what the new run starts from
+        seen.append(_tree_of(root))
+        return ""
+
+    regen = _fake_flow(monkeypatch, repo, repro=repro)
+    monkeypatch.setattr(regen.subprocess, "run", _no_dvc_checkout(regen.subprocess.run))
+    regen.regenerate.fn(repo=str(repo), pull_first=False, push_after=False)
+    assert seen == [before]  # the killed run's lock files, its new pipeline's outputs and reports are gone
+    assert not (repo / JOURNAL).exists() and list((repo / JOURNAL).parent.glob(".regenerate-rollback*")) == []
+
+
+def test_recover_only_restores_and_runs_nothing(tmp_path, monkeypatch):
+    from flows.regenerate import JOURNAL, _write_journal, lock_files
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    before = _before_state(repo)
+    _write_journal(repo, lock_files(repo), repo / "reports")
+    _killed_run_state(repo)
+    ran = []
+    regen = _fake_flow(monkeypatch, repo, pull=ran.append, repro=ran.append)
+    checkouts = []
+
+    def run(cmd, *args, **kwargs):
+        checkouts.append(cmd[1:4])
+        return regen.subprocess.CompletedProcess(cmd, 1, b"", b"")  # e.g. the DVC cache lacks an output
+
+    monkeypatch.setattr(regen.subprocess, "run", run)
+    out = regen.regenerate.fn(repo=str(repo), recover_only=True)
+    assert ran == [] and _tree_of(repo) == before and not (repo / JOURNAL).exists()
+    assert checkouts == [["-m", "dvc", "checkout"]]
+    assert out["recovered"] and "`dvc checkout --force` failed (exit 1)" in out["notes"][0]
+    assert regen.regenerate.fn(repo=str(repo), recover_only=True) == {"repo": str(repo.resolve()),
+                                                                       "recovered": False, "notes": []}
+
+
+def test_a_rollback_cut_short_keeps_its_record_and_the_next_call_finishes_it(tmp_path, monkeypatch):
+    import flows.regenerate as regen
+    from poison.publish import PublishError
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    before = _before_state(repo)
+    regen._write_journal(repo, regen.lock_files(repo), repo / "reports")
+    _killed_run_state(repo)
+    monkeypatch.setattr(regen.subprocess, "run", _no_dvc_checkout(regen.subprocess.run))
+    restore = regen._restore_reports
+
+    def disk_full(saved, reports):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(regen, "_restore_reports", disk_full)
+    with pytest.raises(PublishError, match=r"reports could not be put back \(disk full\).*--recover"):
+        regen.rollback(repo)
+    assert (repo / regen.JOURNAL / "reports" / "evaluate" / "metrics.json").read_text() == '{"before": 1}'
+    monkeypatch.setattr(regen, "_restore_reports", restore)
+    assert regen.rollback(repo) == [] and _tree_of(repo) == before
+    assert regen.rollback(repo) is None  # nothing owed any more
+
+
+def test_no_rollback_record_outlives_a_run(tmp_path, monkeypatch):
+    import contextlib
+    import shutil
+
+    from flows.regenerate import JOURNAL, RepoBusy
+    from poison.publish import PublishError
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    before = _before_state(repo)
+    records = []
+
+    def repro(root, fail=None):
+        records.append((root / JOURNAL / "journal.json").is_file())  # written before anything runs
+        _killed_run_state(root)
+        if fail:
+            raise fail
+        return ""
+
+    for fail in (PublishError("stage failed"), RepoBusy("busy"), KeyboardInterrupt(), None):
+        regen = _fake_flow(monkeypatch, repo, repro=lambda root: repro(root, fail))
+        monkeypatch.setattr(regen.subprocess, "run", _no_dvc_checkout(regen.subprocess.run))
+        with pytest.raises(type(fail)) if fail else contextlib.nullcontext():
+            regen.regenerate.fn(repo=str(repo), pull_first=False, push_after=False)
+        assert not (repo / JOURNAL).exists()
+        if type(fail) in (PublishError, KeyboardInterrupt):  # RepoBusy is a PublishError too
+            assert _tree_of(repo) == before, fail  # rolled back
+        else:  # the busy repository is another process's doing; a finished run keeps its outputs
+            assert (repo / "dvc.lock").read_text() == "schema: '2.0'\nafter: 1\n"
+            shutil.rmtree(repo / "data")
+            (repo / "variants" / "dvc.lock").unlink()
+            (repo / "dvc.lock").write_text("schema: '2.0'\nbefore: 1\n")
+            (repo / "reports" / "evaluate" / "metrics.json").write_text('{"before": 1}')
+    assert records == [True] * 4
+
+
+def test_a_rollback_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import flows.regenerate as regen
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    _before_state(repo)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(regen.shutil, "copytree", disk_full)
+    ran = []
+    regen = _fake_flow(monkeypatch, repo, repro=ran.append)
+    with pytest.raises(OSError, match="disk full"):
+        regen.regenerate.fn(repo=str(repo), pull_first=False, push_after=False)
+    assert ran == [] and list((repo / regen.JOURNAL).parent.iterdir()) == [repo / ".dvc" / "tmp" / "regenerate.lock"]
+
+
+def test_a_run_killed_by_sigkill_is_rolled_back_by_recover(tmp_path, monkeypatch):
+    # the real thing: a process killed mid-repro (a Prefect worker's SIGKILL, 30 s after a cancellation's SIGTERM)
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    before = _before_state(repo)
+    script = f"""
+import logging, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import flows.regenerate as regen
+from test_flows import _killed_run_state
+def repro(root):
+    _killed_run_state(root)
+    (root.parent / "started").write_text("")
+    time.sleep(120)
+regen.get_run_logger = lambda: logging.getLogger("killed")
+regen.repro = repro
+regen.regenerate.fn(repo=sys.argv[1], pull_first=False, push_after=False)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(repo)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "started").exists(), "the run never reached repro"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert _tree_of(repo) != before
+    regen = _fake_flow(monkeypatch, repo)
+    monkeypatch.setattr(regen.subprocess, "run", _no_dvc_checkout(regen.subprocess.run))
+    assert regen.regenerate.fn(repo=str(repo), recover_only=True)["recovered"]
+    assert _tree_of(repo) == before
