@@ -15,8 +15,9 @@ What the rollback needs (the lock files' bytes, the copy of reports/) is written
 anything runs to ``.dvc/tmp/regenerate-rollback/`` and removed once it is no longer owed
 (``dvc repro`` succeeded, or the rollback finished). A run killed before it could roll back
 (SIGKILL: a Prefect worker kills a cancelled run 30 s after its SIGTERM; a crash, a power
-loss) leaves that record: the next run finishes the rollback first, and ``--recover`` does
-only that.
+loss) leaves that record: the next run finishes the rollback first (holding DVC's repository
+lock; not if another commit is checked out by then, or where there are no POSIX file locks),
+and ``--recover`` does only that.
 
 One run at a time per repository: a run holds an exclusive lock (``.dvc/tmp/regenerate.lock``)
 from start to end, and a DVC command refused because another DVC process holds the
@@ -38,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import main
 from poison.config import load_params
 from poison.publish import PublishError, dvc_push, publication_hazards
-from poison.utils import atomic_write_bytes, run_command, swap_in_folder
+from poison.utils import atomic_write_bytes, fsync_folder, fsync_tree, run_command
 
 
 def pipelines(root: Path) -> list[str]:
@@ -277,10 +279,23 @@ def check_repo(root: Path) -> None:
 JOURNAL = Path(".dvc", "tmp", "regenerate-rollback")
 
 
-def _write_journal(root: Path, locks: list[str], reports: Path) -> Path:
-    """Record what a rollback needs (each lock file's bytes or its absence, a copy of ``reports``).
+def _head(root: Path) -> str | None:
+    """The commit checked out in ``root`` (None outside a git work tree or without git)."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=root, capture_output=True, text=True)
+    except FileNotFoundError:
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
 
-    Built in a staging folder, flushed to disk and renamed into place: the journal exists only whole.
+
+def _write_journal(root: Path, locks: list[str], reports: Path) -> Path:
+    """Record what a rollback needs: each lock file (a copy under ``locks/``, or its absence), a copy
+    of ``reports``, and the commit checked out.
+
+    Built in a staging folder, flushed to disk and renamed into place: the journal exists only whole,
+    and a rename never replaces another run's.
     """
     final = root / JOURNAL
     if final.exists():
@@ -289,19 +304,21 @@ def _write_journal(root: Path, locks: list[str], reports: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        saved: dict[str, str | None] = {}
-        for i, lock in enumerate(locks):
-            if (root / lock).is_file():
-                (staging / f"lock-{i}").write_bytes((root / lock).read_bytes())
-                saved[lock] = f"lock-{i}"
-            else:
-                saved[lock] = None
+        saved: dict[str, bool] = {}
+        for lock in locks:
+            saved[lock] = (root / lock).is_file()
+            if saved[lock]:
+                (staging / "locks" / lock).parent.mkdir(parents=True, exist_ok=True)
+                (staging / "locks" / lock).write_bytes((root / lock).read_bytes())
         if reports.is_dir():
             shutil.copytree(reports, staging / "reports", symlinks=True)
         place = reports.relative_to(root).as_posix() if reports.is_relative_to(root) else str(reports)
         (staging / "journal.json").write_text(json.dumps(
-            {"locks": saved, "reports": place, "had_reports": reports.is_dir()}, indent=1))
-        swap_in_folder(staging, final)  # flushed to disk, then renamed into place
+            {"locks": saved, "reports": place, "had_reports": reports.is_dir(), "head": _head(root),
+             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
+        fsync_tree(staging)
+        os.rename(staging, final)  # fails rather than replace a journal written meanwhile
+        fsync_folder(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -312,17 +329,44 @@ def _discard(journal: Path) -> None:
     """Remove ``journal`` by renaming it aside first: a half-deleted journal never reads as one."""
     trash = Path(tempfile.mkdtemp(prefix=f".{journal.name}-done-", dir=journal.parent))
     os.replace(journal, trash / journal.name)
+    fsync_folder(journal.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def rollback(root: Path) -> list[str] | None:
+@contextlib.contextmanager
+def _dvc_lock(root: Path, journal: Path):
+    """Hold DVC's own repository lock (``.dvc/tmp/lock``, which every dvc command takes) for the block.
+
+    A rollback must not rewrite lock files and outputs under a running ``dvc repro`` (a hand-run
+    one, or a stage a SIGKILLed run left behind): then it raises ``RepoBusy`` and keeps the journal.
+    """
+    import zc.lockfile  # DVC's own lock backend (dvc/lock.py), installed with dvc
+
+    path = root / ".dvc" / "tmp" / "lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        held = zc.lockfile.LockFile(str(path))
+    except zc.lockfile.LockError:
+        raise RepoBusy(f"{root}: another DVC process holds the repository ({path}), so the rollback an earlier "
+                       f"regenerate run owes was not done; it is kept in {journal}. Run again when that process "
+                       "has finished.") from None
+    try:
+        yield
+    finally:
+        held.close()
+
+
+def rollback(root: Path, *, moved_on_ok: bool = False) -> list[str] | None:
     """Put the workspace back as the journal recorded it; ``None`` if no rollback is owed.
 
     Restores the lock files (a pipeline that had none loses the one written since and the outputs
-    it records), runs ``dvc checkout --force`` for the outputs they record, and puts ``reports/``
-    back. Every step can be repeated, so a rollback cut short is finished by the next call. Returns
-    notes on what could not be restored; the journal is kept (and this raises) only if the lock
-    files or reports could not be written, so that a later call tries again.
+    it records) and ``reports/``, holding DVC's repository lock, then runs ``dvc checkout --force``
+    for the outputs the lock files record. Every step can be repeated, so a rollback cut short is
+    finished by the next call. Returns notes on what could not be restored (a checkout that failed
+    for want of cached outputs). The journal is kept, and this raises, when something could not be
+    written, when another DVC process holds the repository, and (unless ``moved_on_ok``) when
+    another commit is checked out than when it was written: then it may describe a workspace the
+    user has since replaced on purpose.
     """
     journal = root / JOURNAL
     for leftover in journal.parent.glob(f".{journal.name}-*"):  # a staging or discarded copy cut short
@@ -331,35 +375,49 @@ def rollback(root: Path) -> list[str] | None:
         return None
     try:
         record = json.loads((journal / "journal.json").read_text())
-        saved, place, had_reports = record["locks"], record["reports"], record["had_reports"]
+        saved, place, had_reports = dict(record["locks"]), str(record["reports"]), bool(record["had_reports"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PublishError(f"{journal}: the record of an unfinished run cannot be read ({exc}); look at what it "
-                           f"holds (the lock files and reports/ from before that run), put them back by hand, "
-                           "then delete the folder") from None
-    for lock, name in saved.items():
-        if name is not None:
-            atomic_write_bytes(root / lock, (journal / name).read_bytes())
-        elif (root / lock).is_file():
-            # a pipeline that had no lock file: the failed run's stages recorded their outputs in a new
-            # one; those outputs go with it (DVC had removed any earlier ones before running each stage,
-            # and keeps these in its cache)
-            for path in _recorded_outputs(root, lock):
-                _remove(path)
-            (root / lock).unlink()
-    notes = []
-    if any(name is not None for name in saved.values()):
-        rc = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force"], cwd=root,
-                            capture_output=True).returncode
-        if rc != 0:
-            notes.append(f"restoring: `dvc checkout --force` failed (exit {rc}), so the outputs may not match the "
-                         f"restored lock files; run `dvc checkout --force` in {root}")
+        raise PublishError(f"{journal}: the record of an unfinished run cannot be read ({exc}). It holds the lock "
+                           "files (locks/) and reports/ from before that run: put back what you need by hand, then "
+                           "delete the folder") from None
+    then, now = record.get("head"), _head(root)
+    if not moved_on_ok and then and now and then != now:
+        raise PublishError(
+            f"{journal}: a regenerate run written at {record.get('written')} (commit {then[:12]}) ended before it "
+            f"could roll back, and {now[:12]} is checked out now, so its record may be stale. To put back the lock "
+            f"files, outputs and reports from before that run anyway: `python -m flows.regenerate --repo {root} "
+            f"--recover`; to keep the workspace as it is: delete {journal}; nothing was run")
     reports = root / place
-    try:
-        _restore_reports(journal / "reports" if had_reports else journal / "no-reports", reports)
-    except Exception as failed:
-        raise PublishError(f"restoring: {reports} could not be put back ({failed}); the copy from before the run "
-                           f"is {journal / 'reports'}; run `python -m flows.regenerate --repo {root} --recover` to "
-                           "try again") from failed
+    with _dvc_lock(root, journal):
+        try:
+            for lock, had in saved.items():
+                if had:
+                    atomic_write_bytes(root / lock, (journal / "locks" / lock).read_bytes())
+                elif (root / lock).is_file():
+                    # a pipeline that had no lock file: the failed run's stages recorded their outputs in a new
+                    # one; those outputs go with it (DVC had removed any earlier ones before running each
+                    # stage, and keeps these in its cache)
+                    for path in _recorded_outputs(root, lock):
+                        _remove(path)
+                    (root / lock).unlink()
+            for leftover in [*reports.parent.glob(f".{reports.name}.old-*"),
+                             *reports.parent.glob(f".{reports.name}.restore-*")]:  # an earlier restore cut short
+                shutil.rmtree(leftover, ignore_errors=True)
+            _restore_reports(journal / "reports" if had_reports else journal / "no-reports", reports)
+        except OSError as failed:  # shutil.Error too
+            raise PublishError(f"restoring from {journal} failed ({failed}); the record is kept: fix the cause, "
+                               f"then run `python -m flows.regenerate --repo {root} --recover`") from failed
+    notes = []
+    if any(saved.values()):
+        proc = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force"], cwd=root, capture_output=True,
+                              text=True, env=_env())
+        if "Unable to acquire lock" in proc.stdout + proc.stderr:
+            raise RepoBusy(f"{root}: another DVC process took the repository before `dvc checkout --force` could "
+                           f"restore the outputs; the rollback is kept in {journal}. Run again (or `--recover`) when "
+                           "it has finished.")
+        if proc.returncode != 0:
+            notes.append(f"restoring: `dvc checkout --force` failed (exit {proc.returncode}), so the outputs may not "
+                         f"match the restored lock files; run `dvc checkout --force` in {root}")
     _discard(journal)
     return notes
 
@@ -375,7 +433,7 @@ def regenerate(repo: str = ".", pull_first: bool = True, push_after: bool = True
     log = get_run_logger()
     with _exclusive(root) as locked:
         if locked or recover_only:  # unlocked, a journal may be a live run's: only --recover touches it
-            notes = rollback(root)
+            notes = rollback(root, moved_on_ok=recover_only)
             if notes is not None:
                 log.warning("an earlier regenerate run ended before it could roll back: the lock files, the "
                             "outputs they record and the reports are back as they were before it")
@@ -412,7 +470,7 @@ def _regenerate(log: Any, root: Path, pull_first: bool, push_after: bool, git_co
     except BaseException as exc:
         log.error("regenerate failed: restoring the lock files and the outputs they record")
         try:
-            for note in rollback(root) or []:
+            for note in rollback(root, moved_on_ok=True) or []:
                 exc.add_note(note)
         except Exception as failed:
             exc.add_note(str(failed))
@@ -455,7 +513,7 @@ def _restore_reports(saved: Path, reports: Path) -> None:
         if saved.is_dir():
             fresh = Path(tempfile.mkdtemp(prefix=f".{reports.name}.restore-", dir=reports.parent))
             try:
-                shutil.copytree(saved, fresh / reports.name)
+                shutil.copytree(saved, fresh / reports.name, symlinks=True)
                 if trash is not None:
                     os.replace(reports, trash / reports.name)
                 os.replace(fresh / reports.name, reports)

@@ -35,6 +35,8 @@ __all__ = [
     "update_json",
     "atomic_path",
     "swap_in_folder",
+    "fsync_tree",
+    "fsync_folder",
     "remove_stale_folders",
     "sha256_file",
     "sha256_bytes",
@@ -129,7 +131,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def _fsync_folder(path: Path) -> None:
+def fsync_folder(path: Path) -> None:
     """Flush a folder's entries (its renames and new files) to disk; a no-op where folders cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -160,7 +162,7 @@ def fsync_tree(root: Path) -> None:
             path = Path(folder) / name
             if path.is_file() and not path.is_symlink():
                 fsync_file(path)
-        _fsync_folder(Path(folder))
+        fsync_folder(Path(folder))
 
 
 def swap_in_folder(staging: Path, out: Path) -> None:
@@ -176,7 +178,7 @@ def swap_in_folder(staging: Path, out: Path) -> None:
     fsync_tree(staging)
     if not out.exists():
         os.replace(staging, out)
-        _fsync_folder(out.parent)
+        fsync_folder(out.parent)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.replace(out, trash / out.name)
@@ -186,7 +188,7 @@ def swap_in_folder(staging: Path, out: Path) -> None:
         os.replace(trash / out.name, out)  # put the previous dataset back
         raise
     else:
-        _fsync_folder(out.parent)  # the new one is durably in place before the old one is deleted
+        fsync_folder(out.parent)  # the new one is durably in place before the old one is deleted
     finally:
         if out.exists():  # else the restore failed too: leave the previous one for remove_stale_folders
             shutil.rmtree(trash, ignore_errors=True)

@@ -465,7 +465,7 @@ def _no_dvc_checkout(run):
 
     def fake(cmd, *args, **kwargs):
         if cmd[1:4] == ["-m", "dvc", "checkout"]:
-            return subprocess.CompletedProcess(cmd, 0, b"", b"")
+            return subprocess.CompletedProcess(cmd, 0, "", "")
         return run(cmd, *args, **kwargs)
     return fake
 
@@ -567,11 +567,13 @@ def test_recover_only_restores_and_runs_nothing(tmp_path, monkeypatch):
     _killed_run_state(repo)
     ran = []
     regen = _fake_flow(monkeypatch, repo, pull=ran.append, repro=ran.append)
-    checkouts = []
+    checkouts, real_run = [], regen.subprocess.run
 
     def run(cmd, *args, **kwargs):
+        if cmd[0] == "git":
+            return real_run(cmd, *args, **kwargs)
         checkouts.append(cmd[1:4])
-        return regen.subprocess.CompletedProcess(cmd, 1, b"", b"")  # e.g. the DVC cache lacks an output
+        return regen.subprocess.CompletedProcess(cmd, 1, "", "ERROR: missing cache")  # the cache lacks an output
 
     monkeypatch.setattr(regen.subprocess, "run", run)
     out = regen.regenerate.fn(repo=str(repo), recover_only=True)
@@ -597,7 +599,7 @@ def test_a_rollback_cut_short_keeps_its_record_and_the_next_call_finishes_it(tmp
         raise OSError("disk full")
 
     monkeypatch.setattr(regen, "_restore_reports", disk_full)
-    with pytest.raises(PublishError, match=r"reports could not be put back \(disk full\).*--recover"):
+    with pytest.raises(PublishError, match=r"regenerate-rollback failed \(disk full\); the record is kept.*--recover"):
         regen.rollback(repo)
     assert (repo / regen.JOURNAL / "reports" / "evaluate" / "metrics.json").read_text() == '{"before": 1}'
     monkeypatch.setattr(regen, "_restore_reports", restore)
@@ -694,3 +696,76 @@ regen.regenerate.fn(repo=sys.argv[1], pull_first=False, push_after=False)
     monkeypatch.setattr(regen.subprocess, "run", _no_dvc_checkout(regen.subprocess.run))
     assert regen.regenerate.fn(repo=str(repo), recover_only=True)["recovered"]
     assert _tree_of(repo) == before
+
+
+def test_a_rollback_waits_for_a_repository_another_dvc_process_holds(tmp_path, monkeypatch):
+    import zc.lockfile
+
+    import flows.regenerate as regen
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    _before_state(repo)
+    regen._write_journal(repo, regen.lock_files(repo), repo / "reports")
+    _killed_run_state(repo)
+    killed = _tree_of(repo)
+    (repo / ".dvc" / "tmp").mkdir(exist_ok=True)
+    held = zc.lockfile.LockFile(str(repo / ".dvc" / "tmp" / "lock"))  # a hand-run `dvc repro`, as DVC takes it
+    try:
+        with pytest.raises(regen.RepoBusy, match="another DVC process holds the repository .*it is kept in"):
+            regen.rollback(repo)
+    finally:
+        held.close()
+    assert _tree_of(repo) == killed and (repo / regen.JOURNAL / "journal.json").is_file()  # nothing touched
+
+    def busy_checkout(cmd, *args, **kwargs):  # DVC taken between the restore and the checkout
+        if cmd[1:4] == ["-m", "dvc", "checkout"]:
+            return regen.subprocess.CompletedProcess(cmd, 1, "", "ERROR: Unable to acquire lock. Most likely ...")
+        return run(cmd, *args, **kwargs)
+
+    run = regen.subprocess.run
+    monkeypatch.setattr(regen.subprocess, "run", busy_checkout)
+    with pytest.raises(regen.RepoBusy, match="the rollback is kept in"):
+        regen.rollback(repo)
+    assert (repo / regen.JOURNAL / "journal.json").is_file()
+
+
+def test_a_record_from_before_another_commit_is_not_applied_without_recover(tmp_path, monkeypatch):
+    import subprocess
+
+    from poison.publish import PublishError
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    before = _before_state(repo)
+    regen = _fake_flow(monkeypatch, repo, repro=lambda root: "")
+    regen._write_journal(repo, regen.lock_files(repo), repo / "reports")
+    _killed_run_state(repo)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "the user moved on"], cwd=repo, check=True)
+    moved_on = _tree_of(repo)
+    monkeypatch.setattr(regen.subprocess, "run", _no_dvc_checkout(regen.subprocess.run))
+    with pytest.raises(PublishError, match=r"is checked out now, so its record may be stale.*--recover.*delete"):
+        regen.regenerate.fn(repo=str(repo), pull_first=False, push_after=False)
+    assert _tree_of(repo) == moved_on
+    regen.regenerate.fn(repo=str(repo), recover_only=True)  # asked for: put back the state from before that run
+    assert _tree_of(repo) == before
+
+
+def test_a_rollback_keeps_symlinks_in_reports_and_clears_what_a_cut_short_one_left(tmp_path, monkeypatch):
+    import flows.regenerate as regen
+
+    repo = _git_repo(tmp_path / "repo", monkeypatch)
+    _before_state(repo)
+    (repo / "reports" / "latest").symlink_to("evaluate")
+    (repo / "reports" / "gone").symlink_to("no-such-file")  # dangling: copied as a link, not followed
+    regen._write_journal(repo, regen.lock_files(repo), repo / "reports")
+    _killed_run_state(repo)
+    (repo / "reports" / "latest").unlink()
+    leftovers = [repo / ".dvc" / "tmp" / ".regenerate-rollback-abc", repo / ".reports.old-abc",
+                 repo / ".reports.restore-abc"]
+    for folder in leftovers:
+        (folder / "x").mkdir(parents=True)
+    monkeypatch.setattr(regen.subprocess, "run", _no_dvc_checkout(regen.subprocess.run))
+    assert regen.rollback(repo) == []
+    assert (repo / "reports" / "latest").is_symlink() and str((repo / "reports" / "latest").readlink()) == "evaluate"
+    assert (repo / "reports" / "gone").is_symlink()
+    assert not any(folder.exists() for folder in leftovers)
