@@ -43,9 +43,17 @@ def plan_cells(params: Params) -> dict[str, Any]:
     return stages.evaluate_plan(params)
 
 
+def _run_name() -> str:
+    """``poisoned-dc_cnn-seed0`` (``...-jpeg:10`` under a defense), from the running task's parameters."""
+    from prefect.runtime import task_run
+
+    cell = task_run.parameters["cell"]
+    return f"{cell['dataset']}-{cell['arch']}-seed{cell['seed']}" + (f"-{cell['defense']}" if cell.get("defense") else "")
+
+
 @task(name="train-and-test", cache_policy=TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=cell_key),
       persist_result=True, result_serializer="json",
-      task_run_name="{cell[dataset]}-{cell[arch]}-seed{cell[seed]}")
+      task_run_name=_run_name)
 def train_and_test(params: Params, plan: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any]:
     return stages.evaluate_cell(params, plan, cell)
 
@@ -66,6 +74,8 @@ def evaluate(params_path: str = "params.yaml") -> dict[str, Any]:
                    params.orchestration, "evaluation cells")
     result = finish(params, plan, runs)
     rows = [{"arch": a, "clean_acc": r["clean"], "poisoned_acc": r["poisoned"]} for a, r in result.items()]
+    defended = [(a, spec, r[f"clean under {spec}"], r[f"poisoned under {spec}"]) for a, r in result.items()
+                for spec in params.evaluate.defenses]
     create_table_artifact(key="downstream-accuracy", table=rows,
                           description="clean test accuracy of downstream classifiers (mean over seeds)")
     create_markdown_artifact(
@@ -79,6 +89,10 @@ def evaluate(params_path: str = "params.yaml") -> dict[str, Any]:
             f"`{params.paths.reports}/evaluate/metrics.json`", "",
             "| arch | clean-trained accuracy | poisoned-trained accuracy |", "|---|---|---|",
             *[f"| {r['arch']} | {r['clean_acc']:.4f} | {r['poisoned_acc']:.4f} |" for r in rows],
+            *(["", "Under training-data defenses (the training split transformed; test images clean):", "",
+               "| arch | defense | clean-trained accuracy | poisoned-trained accuracy |", "|---|---|---|---|"]
+              if defended else []),
+            *[f"| {a} | `{spec}` | {c:.4f} | {q:.4f} |" for a, spec, c, q in defended],
         ]),
         description="clean test accuracy, clean vs poisoned training data",
     )

@@ -21,6 +21,7 @@ import yaml
 from poison.attacks.deepconfuse_config import DeepConfuseConfig
 from poison.augment import AugmentConfig
 from poison.data import SOURCES
+from poison.defenses import parse_defense
 from poison.errors import ConfigError
 from poison.models import check_classifiers
 from poison.train import TrainConfig
@@ -79,9 +80,19 @@ class EvaluateConfig:
     seeds: tuple[int, ...] = (0,)
     recipe: TrainConfig = field(default_factory=TrainConfig)
     threads: int | None = 1  # torch CPU threads per training run: part of the result; None = torch's default
+    # training-data defenses (poison.defenses: jpeg:Q, posterize:B, grayscale): each also trains every
+    # classifier and seed on the clean and the poisoned training split transformed by it
+    defenses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_classifiers(self.archs, "archs")
+        for i, spec in enumerate(self.defenses):
+            try:
+                parse_defense(spec, f"defenses[{i}]")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if len(set(self.defenses)) != len(self.defenses):
+            raise ConfigError(f"defenses: expected no repeats, got {list(self.defenses)}")
         if not self.seeds:
             raise ConfigError("seeds: expected at least one integer seed")
         if any(s < 0 for s in self.seeds):

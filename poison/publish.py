@@ -117,6 +117,12 @@ def card_metrics(metrics: dict[str, Any] | None, dataset_dir: str | os.PathLike[
             for trained_on in ("clean", "poisoned") if isinstance(metrics.get(trained_on), dict)
         },
     }
+    if isinstance(metrics.get("defenses"), dict) and metrics["defenses"]:
+        # each classifier trained on the training split transformed by a defense (evaluate.defenses)
+        summary["clean_test_accuracy_under_defenses"] = {
+            spec: {trained_on: {arch: {k: v for k, v in m.items() if k in keep} for arch, m in by_kind[trained_on].items()}
+                   for trained_on in ("clean", "poisoned") if isinstance(by_kind.get(trained_on), dict)}
+            for spec, by_kind in metrics["defenses"].items() if isinstance(by_kind, dict)}
     if role == "poisoned":
         summary["budget"] = metrics.get("budget")
     return summary

@@ -34,6 +34,7 @@ from poison.attacks.perturbation import budget_levels, poison_images
 from poison.augment import augment
 from poison.config import Params, to_dict
 from poison.data import load_source, stratified_split, subsample_per_class
+from poison.defenses import apply_defense
 from poison.errors import CheckpointError, DataSourceError, PoisonError, ShardError
 from poison.evaluate import save_confusion_png, summarise, train_and_test
 from poison.models import create_generator
@@ -315,7 +316,10 @@ def evaluate_plan(params: Params) -> dict[str, Any]:
     return {
         "manifest_sha256": {"clean": clean_sha, "poisoned": manifest_sha256(params.paths.poisoned)},
         "cells": [{"dataset": kind, "arch": arch, "seed": seed} for kind in ("clean", "poisoned")
-                  for arch in params.evaluate.archs for seed in params.evaluate.seeds],
+                  for arch in params.evaluate.archs for seed in params.evaluate.seeds]
+        # the same cells again on training data transformed by each defense (test images stay clean)
+        + [{"dataset": kind, "arch": arch, "seed": seed, "defense": spec} for spec in params.evaluate.defenses
+           for kind in ("clean", "poisoned") for arch in params.evaluate.archs for seed in params.evaluate.seeds],
     }
 
 
@@ -324,6 +328,8 @@ def evaluate_cell(params: Params, plan: dict[str, Any], cell: dict[str, Any]) ->
     shas = plan["manifest_sha256"]
     path = {"clean": params.paths.clean, "poisoned": params.paths.poisoned}[cell["dataset"]]
     x, y = _split(path, "train", shas[cell["dataset"]])
+    if cell.get("defense"):
+        x = apply_defense(cell["defense"], x, "evaluate.defenses")  # as a defender preprocesses the training set
     x_te, y_te = _split(params.paths.clean, "test", shas["clean"])
     manifest = read_manifest(params.paths.poisoned)
     tm = manifest["config"].get("target_map")
@@ -332,14 +338,17 @@ def evaluate_cell(params: Params, plan: dict[str, Any], cell: dict[str, Any]) ->
         m = train_and_test(x, y, x_te, y_te, arch=cell["arch"], recipe=params.evaluate.recipe, seed=cell["seed"],
                            num_classes=len(manifest["classes"]), device=resolve_device(params.device),
                            target_map=target_map)
-    log.info("evaluate: %s-trained %s seed %d: test accuracy %.4f", cell["dataset"], cell["arch"], cell["seed"],
-             m["accuracy"])
+    log.info("evaluate: %s-trained %s seed %d%s: test accuracy %.4f", cell["dataset"], cell["arch"], cell["seed"],
+             f" under {cell['defense']}" if cell.get("defense") else "", m["accuracy"])
     return {**cell, **m}
 
 
 def evaluate_finish(params: Params, plan: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Write metrics.json and the confusion matrices from the cells' results (in plan order)."""
-    if [(r["dataset"], r["arch"], r["seed"]) for r in runs] != [(c["dataset"], c["arch"], c["seed"]) for c in plan["cells"]]:
+    def ident(c: dict[str, Any]) -> tuple[Any, ...]:
+        return c["dataset"], c["arch"], c["seed"], c.get("defense")
+
+    if [ident(r) for r in runs] != [ident(c) for c in plan["cells"]]:
         raise ShardError("evaluate: the cell results do not match the plan's cells; rerun the stage")
     shas = plan["manifest_sha256"]
     clean = read_manifest(params.paths.clean)
@@ -363,16 +372,27 @@ def evaluate_finish(params: Params, plan: dict[str, Any], runs: list[dict[str, A
                      "poisoned": {"path": params.paths.poisoned, "manifest_sha256": shas["poisoned"]}},
     }
     reports = report_dir(params, "evaluate")
+
+    def section(kind: str, arch: str, defense: str | None) -> dict[str, Any]:
+        cells = [{k: v for k, v in r.items() if k not in ("dataset", "arch", "defense")} for r in runs
+                 if r["dataset"] == kind and r["arch"] == arch and r.get("defense") == defense]
+        return {**summarise(cells), "runs": cells}
+
     for kind in ("clean", "poisoned"):
         out[kind] = {}
         for arch in params.evaluate.archs:
-            cells = [{k: v for k, v in r.items() if k not in ("dataset", "arch")} for r in runs
-                     if r["dataset"] == kind and r["arch"] == arch]
-            out[kind][arch] = {**summarise(cells), "runs": cells}
+            out[kind][arch] = section(kind, arch, None)
+            cells = out[kind][arch]["runs"]
             save_confusion_png(cells[0]["confusion_matrix"], clean["classes"], reports / "confusion" / f"{kind}_{arch}.png",
                                f"{arch} trained on {kind} data, clean test (seed {cells[0]['seed']})")
+    if params.evaluate.defenses:
+        # each defense transforms the training split of both datasets; the test split stays clean
+        out["defenses"] = {spec: {kind: {arch: section(kind, arch, spec) for arch in params.evaluate.archs}
+                                  for kind in ("clean", "poisoned")} for spec in params.evaluate.defenses}
     atomic_write_json(reports / "metrics.json", out)
-    return {arch: {"clean": out["clean"][arch]["accuracy_mean"], "poisoned": out["poisoned"][arch]["accuracy_mean"]}
+    return {arch: {"clean": out["clean"][arch]["accuracy_mean"], "poisoned": out["poisoned"][arch]["accuracy_mean"],
+                   **{f"{kind} under {spec}": out["defenses"][spec][kind][arch]["accuracy_mean"]
+                      for spec in params.evaluate.defenses for kind in ("clean", "poisoned")}}
             for arch in params.evaluate.archs}
 
 
