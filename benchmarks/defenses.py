@@ -9,7 +9,7 @@ no defense) the defender transforms every *training* image, clean or poisoned as
 trains ``--arch`` from scratch with each recipe and seed and scores clean accuracy on the clean
 split (untransformed; ``--defend-test`` transforms it too, as a defender preprocessing every
 input would). Recipes: A = Adam lr 0.01, 2 epochs (the authors' test recipe); B20 = Adam lr 1e-3,
-20 epochs; B10 = the pipeline's `evaluate.recipe`; all batch 64. The clean-trained rows are the
+20 epochs; B10 = Adam lr 1e-3, 10 epochs (params.yaml's default `evaluate.recipe`); all batch 64. The clean-trained rows are the
 cost of the defense itself; the poisoned rows say whether the poison survives it. Writes the
 results (with the command) as JSON and prints a Markdown table.
 """

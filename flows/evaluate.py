@@ -13,6 +13,7 @@ import hashlib
 from typing import Any
 
 import torch
+import torchvision
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
@@ -35,6 +36,8 @@ def cell_key(_context: Any, parameters: dict[str, Any]) -> str:
         "device": str(resolve_device(params.device)),
         "code": code_fingerprint(),
         "torch": torch.__version__,
+        # a defense's JPEG codec ships with torchvision (undefended cells keep their keys)
+        **({"torchvision": torchvision.__version__} if parameters["cell"].get("defense") else {}),
     }).encode()).hexdigest()
 
 

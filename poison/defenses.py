@@ -83,16 +83,17 @@ def parse_defense(spec: str, key: str = "defense") -> tuple[str, int | None]:
         raise ValueError(f"{key}: unknown defense {spec!r}; expected one of {known}, e.g. jpeg:10 or posterize:2")
     needs = DEFENSES[name][1]
     if needs is None:
-        if arg:
+        if spec != name:
             raise ValueError(f"{key}: {name} takes no argument, got {spec!r}; write {name}")
         return name, None
-    try:
-        value = int(arg)
-    except ValueError:
+    if not (arg.isascii() and arg.isdigit()):
         raise ValueError(f"{key}: {name} needs an integer argument in {needs[0]}..{needs[1]}, got {spec!r}; "
-                         f"write e.g. {name}:{2 if name == 'posterize' else 10}") from None
+                         f"write e.g. {name}:{2 if name == 'posterize' else 10}")
+    value = int(arg)
     if not needs[0] <= value <= needs[1]:
         raise ValueError(f"{key}: {name} takes {needs[0]}..{needs[1]}, got {value} in {spec!r}")
+    if spec != f"{name}:{value}":  # one spelling per defense: it names a metrics section and a cache key
+        raise ValueError(f"{key}: write {spec!r} as {name}:{value}")
     return name, value
 
 

@@ -35,6 +35,9 @@ def test_jpeg_changes_images_less_at_higher_quality_and_keeps_shape_and_dtype():
     assert low.shape == x.shape and low.dtype == torch.uint8
     err = [(y.float() - x.float()).abs().mean().item() for y in (low, high)]
     assert err[0] > err[1] > 0
+    colour = _images(c=3)
+    assert jpeg(colour, 10).shape == colour.shape and 0 < (jpeg(colour, 10).float() - colour.float()).abs().mean() < 80
+    assert jpeg(colour[:, :, ::2, ::2], 50).shape == (6, 3, 8, 8)  # a strided view is fine
     smooth = torch.full((2, 3, 16, 16), 120, dtype=torch.uint8)  # a flat image survives any quality
     assert (jpeg(smooth, 10).int() - 120).abs().max() <= 2
     assert jpeg(x[:0], 10).shape == (0, 1, 16, 16)
@@ -63,6 +66,9 @@ def test_parse_defense(spec, expected):
     ("jpeg:101", r"jpeg takes 1..100, got 101"),
     ("posterize:0", r"posterize takes 1..8, got 0"),
     ("grayscale:2", r"grayscale takes no argument"),
+    ("grayscale:", r"grayscale takes no argument"),
+    ("jpeg:010", r"write 'jpeg:010' as jpeg:10"),  # one spelling: it names a metrics section and a cache key
+    ("jpeg:+10", r"jpeg needs an integer argument"),
 ])
 def test_a_bad_defense_names_the_setting_and_the_fix(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -144,9 +150,12 @@ def test_evaluate_trains_on_defended_training_data_and_keeps_the_undefended_figu
         "accuracy_mean", "accuracy_min", "accuracy_max", "runs"}
     assert [set(r) & {"dataset", "arch", "defense"} for r in section["poisoned"][arch]["runs"]] == [set()]
     assert defended["result"][arch]["poisoned under posterize:1"] == section["poisoned"][arch]["accuracy_mean"]
-    # the undefended cells are the ones a run without defenses trains: the same figures
-    plain = stages.evaluate_cell(session_params, stages.evaluate_plan(session_params), plan["cells"][1])
-    assert plain["accuracy"] == metrics["poisoned"][arch]["runs"][0]["accuracy"]
+    # the undefended cells are the ones a run without defenses trains: the same records
+    plain_plan = stages.evaluate_plan(session_params)
+    plain = [stages.evaluate_cell(session_params, plain_plan, cell) for cell in plain_plan["cells"]]
+    for kind in ("clean", "poisoned"):
+        assert metrics[kind][arch]["runs"] == [{k: v for k, v in r.items() if k not in ("dataset", "arch")}
+                                               for r in plain if r["dataset"] == kind]
 
 
 def test_the_report_and_the_card_show_the_defended_figures(defended, session_params, augmented_dataset):
@@ -199,3 +208,52 @@ def test_a_bad_defense_in_params_names_the_key(tmp_path):
     path.write_text(yaml.safe_dump(tiny_params_dict(tmp_path, evaluate={"defenses": ["grayscale", "grayscale"]})))
     with pytest.raises(ConfigError, match=r"evaluate.defenses: expected no repeats"):
         load_params(path)
+
+
+def test_a_defended_cell_has_its_own_cache_key(prefect_env, tmp_path):
+    from conftest import tiny_params
+    from flows.evaluate import cell_key
+
+    params = tiny_params(tmp_path)
+    plan = {"manifest_sha256": {"clean": "a" * 64, "poisoned": "b" * 64}}
+    cell = {"dataset": "poisoned", "arch": "test_cnn", "seed": 0}
+    keys = {cell_key(None, {"params": params, "plan": plan, "cell": {**cell, **extra}})
+            for extra in ({}, {"defense": "jpeg:10"}, {"defense": "posterize:1"})}
+    assert len(keys) == 3
+
+
+def test_the_report_refuses_a_malformed_defenses_section(defended, session_params):
+    import shutil
+    from pathlib import Path
+
+    from poison.report import ReportError, build_report
+
+    params = defended["params"]
+    reports = Path(params.paths.reports)
+    for stage in ("train_generator", "augment"):
+        if not (reports / stage).exists():
+            shutil.copytree(Path(session_params.paths.reports) / stage, reports / stage)
+    path = reports / "evaluate" / "metrics.json"
+    good = path.read_text()
+    try:
+        for bad, message in ((["jpeg:10"], r"defenses: expected an object .* got list; rerun the evaluate stage"),
+                             ({"posterize:1": {"clean": {}}},
+                              r"defenses.posterize:1.clean: expected the accuracy_mean of every classifier")):
+            path.write_text(json.dumps({**json.loads(good), "defenses": bad}))
+            with pytest.raises(ReportError, match=message):
+                build_report(params)
+    finally:
+        path.write_text(good)
+
+
+def test_only_the_evaluate_stage_depends_on_the_defenses():
+    # toggling evaluate.defenses must not retrain the variants' generators
+    from conftest import pipeline_stages
+
+    stages = pipeline_stages()
+    for name, spec in stages.items():
+        params = spec.get("params", [])
+        if name == "evaluate":
+            assert "evaluate" in params
+        else:
+            assert "evaluate" not in params and "evaluate.defenses" not in params, name

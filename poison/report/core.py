@@ -92,17 +92,20 @@ def _inputs(params: Any) -> dict[str, Any]:
             png = reports / "evaluate" / "confusion" / f"{kind}_{arch}.png"
             if not png.is_file():
                 raise ReportError(f"{png}: missing; rerun the evaluate stage: {rerun('evaluate')}")
+    if set(got["metrics"]["clean"]) != set(got["metrics"]["poisoned"]):
+        raise ReportError(f"{metrics_file}: the clean and poisoned sections name different classifiers; rerun the "
+                          f"evaluate stage: {rerun('evaluate')}")
     defended = got["metrics"].get("defenses", {})
-    for spec, by_kind in defended.items() if isinstance(defended, dict) else [("defenses", None)]:
+    if not isinstance(defended, dict):
+        raise ReportError(f"{metrics_file}: defenses: expected an object (defense -> clean / poisoned -> classifier), "
+                          f"got {type(defended).__name__}; rerun the evaluate stage: {rerun('evaluate')}")
+    for spec, by_kind in defended.items():
         for kind in ("clean", "poisoned"):
             res = by_kind.get(kind) if isinstance(by_kind, dict) else None
             if not isinstance(res, dict) or set(res) != set(got["metrics"]["poisoned"]) or not all(
                     isinstance(r, dict) and "accuracy_mean" in r for r in res.values()):
-                raise ReportError(f"{metrics_file}: defenses.{spec}.{kind} lacks the classifiers' accuracy_mean; "
-                                  f"rerun the evaluate stage: {rerun('evaluate')}")
-    if set(got["metrics"]["clean"]) != set(got["metrics"]["poisoned"]):
-        raise ReportError(f"{metrics_file}: the clean and poisoned sections name different classifiers; rerun the "
-                          f"evaluate stage: {rerun('evaluate')}")
+                raise ReportError(f"{metrics_file}: defenses.{spec}.{kind}: expected the accuracy_mean of every "
+                                  f"classifier of the poisoned section; rerun the evaluate stage: {rerun('evaluate')}")
     return got
 
 
@@ -183,7 +186,7 @@ def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
               f"({metrics['test_samples']} images). Accuracy: mean over seeds (min-max)."
               + (" Target rate: the share of test images answered with their target class t(y)." if targeted else "")),
         ("table", header, rows),
-        *_defense_blocks(metrics, archs),
+        *_defense_blocks(metrics, archs, targeted),
         ("p", stored),
         ("p", "Per-class clean test accuracy, % (mean over seeds):"),
         ("table", ["model"] + classes, per_class),
@@ -219,18 +222,21 @@ def _blocks(params: Any, got: dict[str, Any]) -> list[Block]:
 
 
 # ---------------------------------------------------------------------------- stage
-def _defense_blocks(metrics: dict[str, Any], archs: list[str]) -> list[Block]:
+def _defense_blocks(metrics: dict[str, Any], archs: list[str], targeted: bool) -> list[Block]:
     """The table of ``evaluate.defenses``: each classifier trained on defended training data."""
     defended = metrics.get("defenses") or {}
     if not defended:
         return []
     rows = [[f"`{spec}`", f"`{arch}`", spread(by_kind["clean"][arch], "accuracy"),
-             spread(by_kind["poisoned"][arch], "accuracy")] for spec, by_kind in defended.items() for arch in archs]
+             spread(by_kind["poisoned"][arch], "accuracy")]
+            + ([spread(by_kind["poisoned"][arch], "target_rate")] if targeted else [])
+            for spec, by_kind in defended.items() for arch in archs]
     return [("p", "Under cheap training-data defenses (`evaluate.defenses`, `poison.defenses`): the defender "
                   "transforms every training image, clean or poisoned, before training; test images stay clean. "
                   "A poison that survives keeps the poison-trained accuracy low; the clean-trained column is the "
                   "cost of the defense itself."),
-            ("table", ["defense", "classifier", "trained on clean data", "trained on the poison"], rows)]
+            ("table", ["defense", "classifier", "trained on clean data", "trained on the poison"]
+             + (["target rate, poison-trained"] if targeted else []), rows)]
 
 
 def build_report(params: Any) -> dict[str, Any]:
