@@ -176,7 +176,7 @@ def _reports_pair(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_regenerate_restores_reports_by_renames(tmp_path):
-    from flows.regenerate import _restore_reports
+    from flows.rollback import restore_reports as _restore_reports
 
     saved, reports = _reports_pair(tmp_path)
     _restore_reports(saved, reports)
@@ -189,7 +189,7 @@ def test_regenerate_restores_reports_by_renames(tmp_path):
 def test_regenerate_keeps_the_failed_runs_reports_when_the_copy_fails(tmp_path, monkeypatch):
     import shutil
 
-    from flows.regenerate import _restore_reports
+    from flows.rollback import restore_reports as _restore_reports
 
     saved, reports = _reports_pair(tmp_path)
     before, backup = _tree(reports), _tree(saved)
@@ -539,11 +539,11 @@ def _tree_of(repo: Path) -> dict[str, bytes]:
 
 
 def test_the_next_run_finishes_the_rollback_a_killed_run_owed_before_it_runs(tmp_path, monkeypatch):
-    from flows.regenerate import JOURNAL, _write_journal, lock_files
+    from flows.regenerate import JOURNAL, lock_files, write_record
 
     repo = _git_repo(tmp_path / "repo", monkeypatch)
     before = _before_state(repo)
-    _write_journal(repo, lock_files(repo), repo / "reports")  # as the killed run did before pulling
+    write_record(repo, lock_files(repo), repo / "reports")  # as the killed run did before pulling
     _killed_run_state(repo)
     seen = []
 
@@ -559,11 +559,11 @@ def test_the_next_run_finishes_the_rollback_a_killed_run_owed_before_it_runs(tmp
 
 
 def test_recover_only_restores_and_runs_nothing(tmp_path, monkeypatch):
-    from flows.regenerate import JOURNAL, _write_journal, lock_files
+    from flows.regenerate import JOURNAL, lock_files, write_record
 
     repo = _git_repo(tmp_path / "repo", monkeypatch)
     before = _before_state(repo)
-    _write_journal(repo, lock_files(repo), repo / "reports")
+    write_record(repo, lock_files(repo), repo / "reports")
     _killed_run_state(repo)
     ran = []
     regen = _fake_flow(monkeypatch, repo, pull=ran.append, repro=ran.append)
@@ -590,19 +590,21 @@ def test_a_rollback_cut_short_keeps_its_record_and_the_next_call_finishes_it(tmp
 
     repo = _git_repo(tmp_path / "repo", monkeypatch)
     before = _before_state(repo)
-    regen._write_journal(repo, regen.lock_files(repo), repo / "reports")
+    regen.write_record(repo, regen.lock_files(repo), repo / "reports")
     _killed_run_state(repo)
     monkeypatch.setattr(regen.subprocess, "run", _no_dvc_checkout(regen.subprocess.run))
-    restore = regen._restore_reports
+    import flows.rollback as rb
+
+    restore = rb.restore_reports
 
     def disk_full(saved, reports):
         raise OSError("disk full")
 
-    monkeypatch.setattr(regen, "_restore_reports", disk_full)
+    monkeypatch.setattr(rb, "restore_reports", disk_full)
     with pytest.raises(PublishError, match=r"regenerate-rollback failed \(disk full\); the record is kept.*--recover"):
         regen.rollback(repo)
     assert (repo / regen.JOURNAL / "reports" / "evaluate" / "metrics.json").read_text() == '{"before": 1}'
-    monkeypatch.setattr(regen, "_restore_reports", restore)
+    monkeypatch.setattr(rb, "restore_reports", restore)
     assert regen.rollback(repo) == [] and _tree_of(repo) == before
     assert regen.rollback(repo) is None  # nothing owed any more
 
@@ -651,7 +653,9 @@ def test_a_rollback_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch)
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(regen.shutil, "copytree", disk_full)
+    import flows.rollback as rb
+
+    monkeypatch.setattr(rb.shutil, "copytree", disk_full)
     ran = []
     regen = _fake_flow(monkeypatch, repo, repro=ran.append)
     with pytest.raises(OSError, match="disk full"):
@@ -705,7 +709,7 @@ def test_a_rollback_waits_for_a_repository_another_dvc_process_holds(tmp_path, m
 
     repo = _git_repo(tmp_path / "repo", monkeypatch)
     _before_state(repo)
-    regen._write_journal(repo, regen.lock_files(repo), repo / "reports")
+    regen.write_record(repo, regen.lock_files(repo), repo / "reports")
     _killed_run_state(repo)
     killed = _tree_of(repo)
     (repo / ".dvc" / "tmp").mkdir(exist_ok=True)
@@ -737,7 +741,7 @@ def test_a_record_from_before_another_commit_is_not_applied_without_recover(tmp_
     repo = _git_repo(tmp_path / "repo", monkeypatch)
     before = _before_state(repo)
     regen = _fake_flow(monkeypatch, repo, repro=lambda root: "")
-    regen._write_journal(repo, regen.lock_files(repo), repo / "reports")
+    regen.write_record(repo, regen.lock_files(repo), repo / "reports")
     _killed_run_state(repo)
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "commit", "-q", "-m", "the user moved on"], cwd=repo, check=True)
@@ -757,7 +761,7 @@ def test_a_rollback_keeps_symlinks_in_reports_and_clears_what_a_cut_short_one_le
     _before_state(repo)
     (repo / "reports" / "latest").symlink_to("evaluate")
     (repo / "reports" / "gone").symlink_to("no-such-file")  # dangling: copied as a link, not followed
-    regen._write_journal(repo, regen.lock_files(repo), repo / "reports")
+    regen.write_record(repo, regen.lock_files(repo), repo / "reports")
     _killed_run_state(repo)
     (repo / "reports" / "latest").unlink()
     leftovers = [repo / ".dvc" / "tmp" / ".regenerate-rollback-abc", repo / ".reports.old-abc",
